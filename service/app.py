@@ -1,0 +1,77 @@
+"""The two ASGI apps of a pod: the public one (WebSockets at any path) and the internal one.
+
+Public port: every WebSocket upgrade goes straight to the endpoint (the seed contract: any path);
+plain HTTP goes to Starlette. Internal port: `/metrics`, `/healthz`, `/readyz`, `/drain`, so
+probes and scrapes never touch the public port.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from service import __version__
+from service.endpoint import Endpoint
+from service.pod import Pod
+
+
+class PublicApp:
+    """Routes by scope type: WebSockets to the relay endpoint, HTTP to a Starlette app."""
+
+    def __init__(self, websocket: Any, http: Any) -> None:
+        self._websocket = websocket
+        self._http = http
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            await self._http(scope, receive, send)
+
+
+def create_public_app(pod: Pod) -> PublicApp:
+    async def index(request: Request) -> Response:
+        return PlainTextResponse(
+            f"relay {__version__} on pod {pod.settings.pod_id}: open a WebSocket at /<group>\n"
+        )
+
+    return PublicApp(Endpoint(pod), Starlette(routes=[Route("/", index)]))
+
+
+def create_internal_app(pod: Pod) -> Starlette:
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(request: Request) -> Response:
+        # The event loop answered: that is all liveness means. Never depends on the broker.
+        return JSONResponse({"status": "ok", "pod": pod.settings.pod_id})
+
+    async def readyz(request: Request) -> Response:
+        checks = pod.readiness()
+        ready = all(checks.values())
+        return JSONResponse(
+            {"ready": ready, "checks": checks, "connections": pod.hub.connection_count()},
+            status_code=200 if ready else 503,
+        )
+
+    async def drain(request: Request) -> Response:
+        # POST for people and scripts; GET too, because a Kubernetes preStop httpGet hook can only GET.
+        task = pod.drain()
+        if request.query_params.get("wait", "true") != "false":
+            await task
+            return JSONResponse({"drained": True})
+        return JSONResponse({"draining": True}, status_code=202)
+
+    return Starlette(
+        routes=[
+            Route("/metrics", metrics),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/drain", drain, methods=["POST", "GET"]),
+        ]
+    )

@@ -1,0 +1,69 @@
+"""The broker carries frames between pods. One Protocol, implementations chosen by URL scheme.
+
+The broker knows channel names and envelopes, never sockets or groups: the hub is its only caller
+and pulls deliveries from `messages()`; nothing below the hub holds a reference back up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One message on the bus. `frame` is the exact text members receive, encoded once at the origin.
+
+    `sent_at` is the origin pod's wall clock when it accepted the publish (for the cross-pod fan-out
+    latency); `target` is a connection id for a direct send, empty for a group message.
+    """
+
+    channel: str
+    frame: str
+    sent_at: float
+    target: str = ""
+
+
+class BrokerUnavailable(RuntimeError):
+    """A publish could not be handed to the bus; the caller counts it and tells the publisher."""
+
+
+class Broker(Protocol):
+    """**Protocol:** carries envelopes between pods. At-most-once: what it cannot carry it counts."""
+
+    async def publish(self, envelope: Envelope) -> int:
+        """Send to every pod subscribed to `envelope.channel`; returns how many pods it reached
+        (where the bus can tell; Redis can). Raises BrokerUnavailable when the bus is unreachable."""
+        ...
+
+    async def subscribe(self, *channels: str) -> None:
+        """Start receiving these channels; returns once the bus has confirmed it."""
+        ...
+
+    async def unsubscribe(self, *channels: str) -> None:
+        """Stop receiving these channels."""
+        ...
+
+    def messages(self) -> AsyncIterator[Envelope]:
+        """Every envelope for a subscribed channel, in bus order, until `close()`."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """True while the link to the bus is proven to work; `/readyz` follows it."""
+        ...
+
+    async def close(self) -> None:
+        """Release the link; `messages()` ends."""
+        ...
+
+
+def open_broker(url: str, *, pod_id: str = "local", prefix: str = "relay") -> Broker:
+    """The broker for `url`'s scheme. Heavy client libraries are imported only when used."""
+    scheme = url.partition("://")[0]
+    if scheme == "memory":
+        from service.broker.memory import MemoryBroker, MemoryBus
+
+        return MemoryBroker(MemoryBus())
+    raise ValueError(f"unsupported broker URL scheme {scheme!r} in RELAY_BROKER_URL (expected memory://)")

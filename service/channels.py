@@ -1,0 +1,25 @@
+"""Logical channel names on the broker, and connection ids.
+
+A group G travels on channel `g:G`; each pod listens on `p:<pod_id>` for direct sends. Connection ids
+are `<pod_id>.<random>`: the pod id routes a direct send to one pod without a subscription per
+socket, and the random part (not a counter) stays unique when a restarted pod keeps its name.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+
+def group(name: str) -> str:
+    """The broker channel carrying group `name`."""
+    return "g:" + name
+
+
+def pod(pod_id: str) -> str:
+    """The broker channel a pod listens on for direct sends and its own link probes."""
+    return "p:" + pod_id
+
+
+def new_connection_id(pod_id: str) -> str:
+    """A fresh id for a connection on `pod_id`, unique across pods and restarts."""
+    return f"{pod_id}.{secrets.token_urlsafe(9)}"

@@ -1,0 +1,164 @@
+"""Settings: one frozen dataclass, read once at start-up from the environment and the command line.
+
+`Settings.from_env` is the only reader of `os.environ`; tests pass a plain dict. Every field carries
+its environment variable and help text in its metadata, so `--help`, the README table and the
+parser cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+POD_ID = re.compile(r"[A-Za-z0-9_-]{1,63}")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the relay cannot run with; the message names the variable."""
+
+
+def _setting(default: Any, env: str, help: str) -> Any:
+    return field(default=default, metadata={"env": env, "help": help})
+
+
+def default_pod_id() -> str:
+    """The host name (the pod name in Kubernetes), reduced to the characters a pod id allows."""
+    name = socket.gethostname().split(".")[0]
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name)[:63] or "relay"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a pod can be told. Defaults suit `make run`; the Helm chart sets the rest."""
+
+    host: str = _setting("127.0.0.1", "RELAY_HOST", "address of the public WebSocket port")
+    port: int = _setting(8000, "RELAY_PORT", "public WebSocket port (0 picks a free port)")
+    internal_host: str = _setting(
+        "127.0.0.1", "RELAY_INTERNAL_HOST", "address of the internal port (metrics, health, drain)"
+    )
+    internal_port: int = _setting(8001, "RELAY_INTERNAL_PORT", "internal HTTP port (0 picks a free port)")
+    broker_url: str = _setting(
+        "memory://",
+        "RELAY_BROKER_URL",
+        "memory:// (one pod), redis://, rediss://, redis+sentinel://, redis+cluster://",
+    )
+    pod_id: str = _setting(
+        "", "RELAY_POD_ID", "this pod's id, the prefix of its channel ids (default: host name)"
+    )
+    max_frame_bytes: int = _setting(
+        65536, "RELAY_MAX_FRAME_BYTES", "largest client frame; bigger closes with 1009"
+    )
+    max_connections: int = _setting(
+        10000, "RELAY_MAX_CONNECTIONS", "connections per pod; past it new sockets close with 1013"
+    )
+    ready_connection_ratio: float = _setting(
+        0.9, "RELAY_READY_CONNECTION_RATIO", "/readyz turns false at this share of max_connections"
+    )
+    outbox_size: int = _setting(
+        1024, "RELAY_OUTBOX_SIZE", "frames a member may fall behind before it is closed with 4008"
+    )
+    publish_rate: float = _setting(
+        100.0, "RELAY_PUBLISH_RATE", "publishes per second per connection (token bucket refill); 0 disables"
+    )
+    publish_burst: int = _setting(
+        200, "RELAY_PUBLISH_BURST", "token bucket size: publishes allowed in a burst"
+    )
+    max_groups: int = _setting(100, "RELAY_MAX_GROUPS", "groups one connection may be a member of")
+    drain_delay: float = _setting(
+        5.0, "RELAY_DRAIN_DELAY", "seconds between turning unready and closing sockets (endpoints update)"
+    )
+    drain_window: float = _setting(
+        10.0, "RELAY_DRAIN_WINDOW", "seconds over which sockets are closed with 1012, in jittered batches"
+    )
+    close_timeout: float = _setting(
+        5.0, "RELAY_CLOSE_TIMEOUT", "seconds a socket may take to finish a close before it is abandoned"
+    )
+    ping_interval: float = _setting(
+        20.0, "RELAY_PING_INTERVAL", "WebSocket ping interval in seconds; 0 disables"
+    )
+    ping_timeout: float = _setting(20.0, "RELAY_PING_TIMEOUT", "seconds to wait for a pong before closing")
+    log_format: str = _setting("auto", "RELAY_LOG_FORMAT", "json, console, or auto (console on a terminal)")
+    log_level: str = _setting("INFO", "RELAY_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
+
+    def __post_init__(self) -> None:
+        if not self.pod_id:
+            object.__setattr__(self, "pod_id", default_pod_id())
+        self._check("pod_id", POD_ID.fullmatch(self.pod_id) is not None, "1-63 letters, digits, '-' or '_'")
+        for name in ("port", "internal_port"):
+            self._check(name, 0 <= getattr(self, name) <= 65535, "a TCP port, 0-65535")
+        self._check("internal_port", self.port != self.internal_port or self.port == 0, "unlike RELAY_PORT")
+        for name in ("max_frame_bytes", "max_connections", "outbox_size", "publish_burst", "max_groups"):
+            self._check(name, getattr(self, name) >= 1, "at least 1")
+        for name in ("publish_rate", "drain_delay", "drain_window", "ping_interval", "ping_timeout"):
+            self._check(name, getattr(self, name) >= 0, "zero or more")
+        self._check("close_timeout", self.close_timeout > 0, "more than 0")
+        self._check("ready_connection_ratio", 0 < self.ready_connection_ratio <= 1, "in (0, 1]")
+        self._check("log_format", self.log_format in ("auto", "json", "console"), "json, console or auto")
+        self._check("log_level", self.log_level.upper() in LEVELS, "one of " + ", ".join(LEVELS))
+        self._check("broker_url", "://" in self.broker_url, "a URL such as memory:// or redis://host:6379/0")
+
+    def _check(self, name: str, ok: bool, expected: str) -> None:
+        if not ok:
+            env = Settings.__dataclass_fields__[name].metadata["env"]
+            raise SettingsError(f"{env}={getattr(self, name)!r} is invalid: must be {expected}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ, **overrides: Any) -> Settings:
+        """Read every `RELAY_*` variable; `overrides` (already typed) win over the environment."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ) -> Settings:
+        """Command-line flags over environment variables over defaults; `--help` lists them all."""
+        args = parser().parse_args(argv)
+        return cls.from_env(env, **vars(args))
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `python -m service` argument parser, one flag per setting."""
+    p = argparse.ArgumentParser(
+        prog="python -m service",
+        description="relay: a WebSocket group relay pod. Every flag is also an environment variable.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for f in dataclasses.fields(Settings):
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=kind,
+            metavar=f.metadata["env"],
+            help=f"{f.metadata['help']} [default: {f.default or 'host name'}]".replace("%", "%%"),
+        )
+    return p
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every setting: the README's settings table is checked against it."""
+    return [(f.metadata["env"], str(f.default), f.metadata["help"]) for f in dataclasses.fields(Settings)]
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    env = f.metadata["env"]
+    kind = str(f.type)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise SettingsError(f"{env}={raw!r} is not a valid {kind}") from None
+    return raw

@@ -1,0 +1,201 @@
+"""The send side of one member socket: hub -> connection.offer -> socket.
+
+Most sockets keep up, so `offer` writes at once, without a task or a queue: it starts the ASGI
+`send` coroutine and runs it to its first suspension by hand. uvicorn's WebSocket `send` only
+suspends while the transport is paused (the kernel buffer is full), so in the common case the frame
+is written by then and the coroutine is finished. When it does suspend, the socket has fallen
+behind: the rest of that send and every later frame move to a bounded backlog drained by a writer
+task, and a socket more than `outbox_size` frames behind is closed with 4008. `offer` never awaits,
+so one stalled client cannot hold up a fan-out.
+
+This is what Python 3.12's eager tasks do for any coroutine; relay targets 3.11 too, and needs only
+this one case. It relies on `send` not depending on which task runs it, which holds for every
+uvicorn WebSocket implementation (they await only futures and events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from service import metrics
+from service.protocol import CloseCode
+
+Message = dict[str, Any]
+Send = Callable[[Message], Coroutine[Any, Any, None]]  # ASGI send: an async function
+
+_DONE = object()
+
+
+class State(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"  # we sent a close, or are about to
+    CLOSED = "closed"  # the client is gone
+
+
+def _step(coro: Coroutine[Any, Any, None]) -> Any:
+    """Run `coro` until it first suspends; returns what it yielded, or _DONE if it finished."""
+    try:
+        return coro.send(None)
+    except StopIteration:
+        return _DONE
+
+
+async def _finish(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    """Run a coroutine that `_step` started to completion inside the current task, as a Task would:
+    wait for what it yielded, then resume it, until it returns."""
+    while True:
+        try:
+            if yielded is None:
+                await asyncio.sleep(0)  # a bare yield asks for one trip round the loop
+            else:
+                await yielded
+        except asyncio.CancelledError:
+            coro.close()
+            raise
+        except Exception:
+            pass  # the coroutine reads the future's exception itself when it resumes
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+
+
+class Connection:
+    """One WebSocket's outgoing side plus the bookkeeping the hub and the endpoint share."""
+
+    __slots__ = (
+        "_backlog",
+        "_closer",
+        "_on_stuck",
+        "_outbox_size",
+        "_send",
+        "_writer",
+        "close_code",
+        "close_timeout",
+        "frames_in",
+        "frames_out",
+        "groups",
+        "id",
+        "opened_at",
+        "state",
+    )
+
+    def __init__(
+        self,
+        conn_id: str,
+        send: Send,
+        *,
+        outbox_size: int,
+        close_timeout: float,
+        on_stuck: Callable[[], object] = lambda: None,
+    ) -> None:
+        self.id = conn_id
+        self.state = State.OPEN
+        self.groups: set[str] = set()  # broker channels this connection is a member of
+        self.close_code: int | None = None
+        self.close_timeout = close_timeout
+        self.frames_in = 0
+        self.frames_out = 0
+        self.opened_at = time.monotonic()
+        self._send = send
+        self._outbox_size = outbox_size
+        self._backlog: deque[str] | None = None  # not None while a writer task owns the socket
+        self._writer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self._on_stuck = on_stuck
+
+    def offer(self, frame: str) -> bool:
+        """Hand `frame` to the socket without waiting. False when it was dropped (and counted)."""
+        backlog = self._backlog
+        if backlog is None:
+            if self.state is not State.OPEN:
+                metrics.SEND_QUEUE_DROPPED.labels("closed").inc()
+                return False
+            coro = self._send({"type": "websocket.send", "text": frame})
+            try:
+                yielded = _step(coro)
+            except Exception:
+                self.gone()
+                metrics.SEND_QUEUE_DROPPED.labels("closed").inc()
+                return False
+            self.frames_out += 1
+            if yielded is not _DONE:
+                metrics.SEND_BACKLOGGED.inc()
+                self._backlog = deque()
+                self._writer = asyncio.get_running_loop().create_task(self._write_backlog(coro, yielded))
+            return True
+        if len(backlog) >= self._outbox_size:
+            metrics.SLOW_CONSUMER_DISCONNECTS.inc()
+            metrics.SEND_QUEUE_DROPPED.labels("slow_consumer").inc(len(backlog) + 1)
+            backlog.clear()
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return False
+        backlog.append(frame)
+        self.frames_out += 1
+        return True
+
+    @property
+    def backlog(self) -> int:
+        """Frames waiting for the writer task (0 while the socket keeps up)."""
+        return len(self._backlog) if self._backlog is not None else 0
+
+    async def _write_backlog(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+        try:
+            await _finish(coro, yielded)
+            while self._backlog:
+                await self._send({"type": "websocket.send", "text": self._backlog.popleft()})
+        except Exception:
+            self.gone()
+            return
+        self._backlog = None
+        self._writer = None
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Close with `code` now: drop the backlog and send the close frame. Idempotent.
+
+        If the socket is too stalled to take even the close frame within `close_timeout`, the
+        connection is abandoned: `on_stuck` (the endpoint cancelling itself) releases it anyway."""
+        if self.state is not State.OPEN:
+            return
+        self.state = State.CLOSING
+        self.close_code = code
+        self._stop_writer()
+        coro = self._send({"type": "websocket.close", "code": code, "reason": reason})
+        try:
+            yielded = _step(coro)
+        except Exception:
+            self.state = State.CLOSED
+            return
+        if yielded is not _DONE:
+            self._closer = asyncio.get_running_loop().create_task(self._finish_close(coro, yielded))
+
+    async def _finish_close(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+        try:
+            async with asyncio.timeout(self.close_timeout):
+                await _finish(coro, yielded)
+        except TimeoutError:
+            self._on_stuck()
+        except Exception:
+            pass  # the client went away first; the endpoint sees the disconnect
+        finally:
+            self._closer = None
+
+    def gone(self) -> None:
+        """The client is gone (disconnect received or a send failed): stop writing."""
+        self.state = State.CLOSED
+        self._stop_writer()
+        if self._closer is not None:
+            self._closer.cancel()
+
+    def _stop_writer(self) -> None:
+        if self._backlog:
+            metrics.SEND_QUEUE_DROPPED.labels("closed").inc(len(self._backlog))
+        self._backlog = None
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None

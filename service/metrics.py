@@ -1,0 +1,67 @@
+"""Every Prometheus metric the relay exports, in one place. Labels are small fixed sets: never a
+group name, connection id or address, so cardinality stays bounded whatever clients do."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+from service import __version__
+
+# Latency buckets from 0.5 ms to 10 s: local fan-out is sub-millisecond, cross-pod adds Redis.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+BUILD_INFO = Info("relay_build", "Version of the relay serving this pod")
+BUILD_INFO.info({"version": __version__})
+
+CONNECTIONS = Gauge("relay_connections", "Open WebSocket connections on this pod (also the HPA metric)")
+CONNECTIONS_OPENED = Counter("relay_connections_opened", "WebSocket connections accepted into a group")
+CONNECTIONS_REJECTED = Counter(
+    "relay_connections_rejected",
+    "Handshakes accepted and then closed at once, by reason",
+    ["reason"],  # invalid_group | capacity | draining
+)
+DISCONNECTS = Counter(
+    "relay_disconnects",
+    "Closed connections by WebSocket close code (codes outside the known set count as 'other')",
+    ["code"],
+)
+GROUPS = Gauge("relay_groups", "Groups with at least one member on this pod")
+MESSAGES_RECEIVED = Counter(
+    "relay_messages_received",
+    "Client frames by outcome",
+    ["outcome"],  # published | direct | bad_json | not_object | unknown_task | invalid_group |
+    # invalid_channel | binary | rate_limited | broker_error
+)
+MESSAGES_SENT = Counter("relay_messages_sent", "Frames handed to member sockets on this pod")
+GROUP_FANOUT_LATENCY = Histogram(
+    "relay_group_fanout_latency_seconds",
+    "From the origin pod accepting a publish to the last local member's frame being handed to its "
+    "socket, once per delivering pod (includes clock skew between pods)",
+    buckets=LATENCY_BUCKETS,
+)
+LOCAL_FANOUT_DURATION = Histogram(
+    "relay_local_fanout_duration_seconds",
+    "Time this pod spent handing one message to all its local members (no clock skew)",
+    buckets=LATENCY_BUCKETS,
+)
+FANOUT_RECIPIENTS = Histogram(
+    "relay_fanout_recipients",
+    "Local members one message was handed to",
+    buckets=(0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+)
+SEND_QUEUE_DROPPED = Counter(
+    "relay_send_queue_dropped",
+    "Frames that never reached a member socket, by reason",
+    ["reason"],  # slow_consumer | closed | unknown_channel
+)
+SLOW_CONSUMER_DISCONNECTS = Counter(
+    "relay_slow_consumer_disconnects", "Sockets closed with 4008 for falling behind their outbox"
+)
+SEND_BACKLOGGED = Counter(
+    "relay_send_backlogged",
+    "Times a member socket stopped keeping up and its frames were queued for a writer task",
+)
+PUBLISH_FAILURES = Counter(
+    "relay_publish_failures", "Client publishes the broker did not accept (counted at the origin pod)"
+)
+DRAINING = Gauge("relay_draining", "1 while this pod is draining (unready, closing sockets with 1012)")

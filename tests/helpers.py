@@ -1,0 +1,168 @@
+"""Shared test helpers: real pods on free ports, real WebSocket clients, metric readers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import websockets
+from prometheus_client import REGISTRY
+from websockets.asyncio.client import ClientConnection
+
+from service.broker import Broker
+from service.config import Settings
+from service.server import PodServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Small drain timings so tests finish fast; each test overrides what it checks.
+FAST = {"drain_delay": 0.0, "drain_window": 0.2, "close_timeout": 1.0}
+
+
+def settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"port": 0, "internal_port": 0, "log_format": "json", **FAST}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def running_pod(broker: Broker | None = None, **overrides: Any) -> AsyncIterator[PodServer]:
+    """A real pod (uvicorn on free loopback ports) inside the test's event loop."""
+    server = PodServer(settings(**overrides), broker)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown()
+
+
+def ws_url(server: PodServer | int, path: str = "/g") -> str:
+    port = server if isinstance(server, int) else server.port
+    return f"ws://127.0.0.1:{port}{path}"
+
+
+@dataclass
+class Client:
+    """A seed-protocol client: the connection and the channel id it was given."""
+
+    ws: ClientConnection
+    channel_id: str
+
+    async def publish(self, group: str, **fields: Any) -> dict[str, Any]:
+        body = {"task": "send_message_to_group", "group_name": group, **fields}
+        await self.ws.send(json.dumps(body))
+        return body
+
+    async def direct(self, channel_id: str, **fields: Any) -> dict[str, Any]:
+        body = {"task": "send_message_to_channel", "channel_id": channel_id, **fields}
+        await self.ws.send(json.dumps(body))
+        return body
+
+    async def next(self, timeout: float = 5.0) -> Any:
+        return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+
+    async def nothing(self, within: float = 0.3) -> None:
+        """Assert no frame arrives within `within` seconds."""
+        try:
+            frame = await asyncio.wait_for(self.ws.recv(), within)
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected frame: {frame!r}")
+
+    async def close_code(self, timeout: float = 5.0) -> int | None:
+        """Wait for the server to close the socket; its close code."""
+        try:
+            while True:
+                await asyncio.wait_for(self.ws.recv(), timeout)
+        except websockets.ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd else None
+
+
+async def join(url: str, **options: Any) -> Client:
+    ws = await websockets.connect(url, open_timeout=5, **options)
+    welcome = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    return Client(ws, welcome["message"]["channel_id"])
+
+
+def metric(name: str, **labels: str) -> float:
+    """The current value of an in-process metric sample (0 when never set)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def scrape(port: int, name: str, **labels: str) -> float:
+    """A metric sample read over HTTP from a pod's /metrics (for pods in other processes)."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PodProcess:
+    """`python -m service` in a subprocess: for signals, exit codes and start-up failures."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    internal_port: int
+    output: list[str] = field(default_factory=list)
+
+    def terminate(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20) -> int:
+        out, _ = self.proc.communicate(timeout=timeout)
+        self.output.extend(out.splitlines())
+        return self.proc.returncode
+
+    def logs(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.output if line.startswith("{")]
+
+
+def start_pod_process(env: dict[str, str] | None = None, *args: str) -> PodProcess:
+    port, internal = free_port(), free_port()
+    full_env = {
+        **os.environ,
+        "RELAY_PORT": str(port),
+        "RELAY_INTERNAL_PORT": str(internal),
+        "RELAY_LOG_FORMAT": "json",
+        **(env or {}),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", *args],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    pod = PodProcess(proc, port, internal)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return pod
+        try:
+            if httpx.get(f"http://127.0.0.1:{internal}/healthz", timeout=1).status_code == 200:
+                return pod
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("pod process did not start within 20 s")
