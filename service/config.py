@@ -86,6 +86,9 @@ class Settings:
     ping_timeout: float = _setting(20.0, "RELAY_PING_TIMEOUT", "seconds to wait for a pong before closing")
     log_format: str = _setting("auto", "RELAY_LOG_FORMAT", "json, console, or auto (console on a terminal)")
     log_level: str = _setting("INFO", "RELAY_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR")
+    console: bool = _setting(
+        True, "RELAY_CONSOLE", "serve the browser console page at GET / on the public port"
+    )
 
     def __post_init__(self) -> None:
         if not self.pod_id:
@@ -135,7 +138,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for f in dataclasses.fields(Settings):
-        kind = {"int": int, "float": float}.get(str(f.type), str)
+        kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
@@ -159,6 +162,17 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
             return int(raw)
         if kind == "float":
             return float(raw)
+        if kind == "bool":
+            return _bool(raw)
     except ValueError:
         raise SettingsError(f"{env}={raw!r} is not a valid {kind}") from None
     return raw
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean (true/false, 1/0, yes/no, on/off)")
