@@ -12,7 +12,7 @@ import dataclasses
 import os
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,7 +138,8 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for f in dataclasses.fields(Settings):
-        kind = {"int": int, "float": float, "bool": _bool}.get(str(f.type), str)
+        kinds: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "bool": _bool}
+        kind = kinds.get(str(f.type), str)
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
