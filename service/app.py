@@ -12,10 +12,10 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service import __version__
+from service.console import console_routes
 from service.endpoint import Endpoint
 from service.pod import Pod
 
@@ -35,12 +35,11 @@ class PublicApp:
 
 
 def create_public_app(pod: Pod) -> PublicApp:
-    async def index(request: Request) -> Response:
-        return PlainTextResponse(
-            f"relay {__version__} on pod {pod.settings.pod_id}: open a WebSocket at /<group>\n"
-        )
-
-    return PublicApp(Endpoint(pod), Starlette(routes=[Route("/", index)]))
+    # Plain HTTP: the browser console at GET / (service/console.py), or, with RELAY_CONSOLE=false, no
+    # route at all (every path is a 404). WebSocket upgrades never reach Starlette, so `/` still means
+    # the empty group name (refused with 4500) either way.
+    routes = console_routes(pod.settings) if pod.settings.console else []
+    return PublicApp(Endpoint(pod), Starlette(routes=routes))
 
 
 def create_internal_app(pod: Pod) -> Starlette:
