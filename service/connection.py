@@ -53,6 +53,9 @@ async def _finish(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
             if yielded is None:
                 await asyncio.sleep(0)  # a bare yield asks for one trip round the loop
             else:
+                # The inner await marked the future as awaited; clear it as Task.__step does,
+                # or awaiting it again here fails with "await wasn't used with future".
+                yielded._asyncio_future_blocking = False
                 await yielded
         except asyncio.CancelledError:
             coro.close()

@@ -96,7 +96,7 @@ class Endpoint:
                 "socket.closed",
                 conn_id=conn.id,
                 group=group,
-                code=final_code,
+                code=int(final_code),
                 by="server" if conn.close_code else "client",
                 duration=round(time.monotonic() - conn.opened_at, 3),
                 frames_in=conn.frames_in,

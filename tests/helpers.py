@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -166,3 +167,21 @@ def start_pod_process(env: dict[str, str] | None = None, *args: str) -> PodProce
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("pod process did not start within 20 s")
+
+
+def stalled_client(port: int, path: str = "/g") -> socket.socket:
+    """A WebSocket client that completes the handshake and then never reads: a tiny receive
+    buffer, set before connecting so the kernel cannot grow it, fills within a few frames."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock

@@ -1,0 +1,147 @@
+"""The hub over the memory bus: membership, first/last subscribe, fan-out, direct send, limits."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from service import channels
+from service.broker.memory import MemoryBroker, MemoryBus
+from service.connection import Connection
+from service.hub import Hub, TooManyGroups
+from tests.fakes import FakeSocket
+from tests.helpers import metric
+
+
+class Member:
+    def __init__(self, hub: Hub, name: str) -> None:
+        self.sock = FakeSocket()
+        self.conn = Connection(f"{hub.pod_id}.{name}", self.sock.send, outbox_size=8, close_timeout=1)
+        hub.register(self.conn)
+
+
+@pytest.fixture
+async def pods() -> AsyncIterator[tuple[Hub, Hub, MemoryBroker, MemoryBroker]]:
+    bus = MemoryBus()
+    brokers = MemoryBroker(bus), MemoryBroker(bus)
+    hubs = Hub(brokers[0], "pod-a", max_groups=3), Hub(brokers[1], "pod-b", max_groups=3)
+    runs = []
+    for hub in hubs:
+        await hub.start()
+        runs.append(asyncio.create_task(hub.run()))
+    yield hubs[0], hubs[1], brokers[0], brokers[1]
+    for broker in brokers:
+        await broker.close()
+    await asyncio.gather(*runs)
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_first_member_subscribes_and_last_member_unsubscribes(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, broker, _ = pods
+    a, b = Member(hub, "a"), Member(hub, "b")
+    await hub.join(a.conn, "g")
+    await hub.join(b.conn, "g")
+    assert channels.group("g") in broker.channels and hub.group_count() == 1
+    await hub.leave(a.conn, "g")
+    assert channels.group("g") in broker.channels
+    await hub.disconnect(b.conn)
+    assert broker.channels == {channels.pod("pod-a")}
+    assert hub.group_count() == 0
+
+
+async def test_a_message_reaches_members_on_both_pods_as_the_same_string(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub_a, hub_b, _, _ = pods
+    a, b, outsider = Member(hub_a, "a"), Member(hub_b, "b"), Member(hub_b, "c")
+    await hub_a.join(a.conn, "g")
+    await hub_b.join(b.conn, "g")
+    await hub_b.join(outsider.conn, "other")
+    frame = '{"message":{"x":1}}'
+    assert await hub_a.publish("g", frame) == 2  # two pods reached
+    await settle()
+    assert a.sock.texts == [frame] and b.sock.texts == [frame] and outsider.sock.texts == []
+    assert a.sock.texts[0] is b.sock.texts[0] is frame  # encoded once, never copied per member
+
+
+async def test_direct_send_reaches_one_connection_on_its_own_pod(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub_a, hub_b, _, _ = pods
+    a, b = Member(hub_a, "a"), Member(hub_b, "b")
+    assert await hub_a.send_direct(b.conn.id, "hi") == 1
+    await settle()
+    assert b.sock.texts == ["hi"] and a.sock.texts == []
+
+
+async def test_direct_send_to_an_unknown_id_is_counted(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub_a, _, _, _ = pods
+    before = metric("relay_send_queue_dropped_total", reason="unknown_channel")
+    assert await hub_a.send_direct("pod-b.nobody", "hi") == 1
+    await settle()
+    assert metric("relay_send_queue_dropped_total", reason="unknown_channel") == before + 1
+    assert await hub_a.send_direct("no-such-pod.x", "hi") == 0  # no pod listens: the origin learns it
+
+
+async def test_joining_more_groups_than_allowed_is_refused(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, _, _ = pods
+    a = Member(hub, "a")
+    for g in ("g1", "g2", "g3"):
+        await hub.join(a.conn, g)
+    await hub.join(a.conn, "g1")  # already a member: not a new group
+    with pytest.raises(TooManyGroups):
+        await hub.join(a.conn, "g4")
+    assert len(a.conn.groups) == 3
+
+
+async def test_join_racing_the_last_leave_ends_subscribed(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, broker, _ = pods
+    a, b = Member(hub, "a"), Member(hub, "b")
+    await hub.join(a.conn, "g")
+    await asyncio.gather(hub.leave(a.conn, "g"), hub.join(b.conn, "g"))
+    assert channels.group("g") in broker.channels
+    await hub.publish("g", "x")
+    await settle()
+    assert b.sock.texts == ["x"]
+
+
+async def test_a_failed_subscribe_records_nothing(pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker]) -> None:
+    hub, _, broker, _ = pods
+    a = Member(hub, "a")
+
+    async def refuse(*channels: str) -> None:
+        raise ConnectionError("bus down")
+
+    broker.subscribe = refuse  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await hub.join(a.conn, "g")
+    assert hub.group_count() == 0 and a.conn.groups == set()
+
+
+async def test_a_slow_member_is_closed_without_holding_up_the_others(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, _, _ = pods
+    slow, fast = Member(hub, "slow"), Member(hub, "fast")
+    await hub.join(slow.conn, "g")
+    await hub.join(fast.conn, "g")
+    slow.sock.writable.clear()
+    for i in range(20):
+        await hub.publish("g", str(i))
+    await settle()
+    assert fast.sock.texts == [str(i) for i in range(20)]
+    assert slow.conn.close_code == 4008
