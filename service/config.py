@@ -18,6 +18,7 @@ from typing import Any
 
 POD_ID = re.compile(r"[A-Za-z0-9_-]{1,63}")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+REDIS_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class SettingsError(ValueError):
@@ -89,6 +90,42 @@ class Settings:
     console: bool = _setting(
         True, "RELAY_CONSOLE", "serve the browser console page at GET / on the public port"
     )
+    redis_prefix: str = _setting(
+        "relay", "RELAY_REDIS_PREFIX", "prefix of every Redis channel, so several relays can share one Redis"
+    )
+    redis_password: str = field(  # repr=False: never printed with the settings
+        default="",
+        repr=False,
+        metadata={"env": "RELAY_REDIS_PASSWORD", "help": "Redis password when the URL carries none"},
+    )
+    redis_tls_ca_file: str = _setting(
+        "", "RELAY_REDIS_TLS_CA_FILE", "rediss://: CA bundle to verify Redis with (default: system CAs)"
+    )
+    redis_tls_cert_file: str = _setting(
+        "", "RELAY_REDIS_TLS_CERT_FILE", "rediss://: client certificate, for Redis with tls-auth-clients"
+    )
+    redis_tls_key_file: str = _setting(
+        "", "RELAY_REDIS_TLS_KEY_FILE", "rediss://: the client certificate's key"
+    )
+    redis_tls_verify: bool = _setting(
+        True, "RELAY_REDIS_TLS_VERIFY", "rediss://: verify the server certificate and host name"
+    )
+    redis_timeout: float = _setting(
+        3.0,
+        "RELAY_REDIS_TIMEOUT",
+        "seconds Redis may take to answer (connect, subscribe, publish, probe) before the link is dead",
+    )
+    redis_probe_interval: float = _setting(
+        5.0, "RELAY_REDIS_PROBE_INTERVAL", "seconds of silence on the pub/sub link before a probe is sent"
+    )
+    redis_backoff_max: float = _setting(
+        5.0, "RELAY_REDIS_BACKOFF_MAX", "cap of the jittered exponential reconnect backoff, in seconds"
+    )
+    ready_requires_broker: bool = _setting(
+        True,
+        "RELAY_READY_REQUIRES_BROKER",
+        "/readyz is false while the broker link is down (false: ignore it)",
+    )
 
     def __post_init__(self) -> None:
         if not self.pod_id:
@@ -106,6 +143,11 @@ class Settings:
         self._check("log_format", self.log_format in ("auto", "json", "console"), "json, console or auto")
         self._check("log_level", self.log_level.upper() in LEVELS, "one of " + ", ".join(LEVELS))
         self._check("broker_url", "://" in self.broker_url, "a URL such as memory:// or redis://host:6379/0")
+        self._check(
+            "redis_prefix", REDIS_PREFIX.fullmatch(self.redis_prefix) is not None, "1-64 of A-Za-z0-9_.-"
+        )
+        for name in ("redis_timeout", "redis_probe_interval", "redis_backoff_max"):
+            self._check(name, getattr(self, name) > 0, "more than 0")
 
     def _check(self, name: str, ok: bool, expected: str) -> None:
         if not ok:

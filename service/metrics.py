@@ -65,3 +65,28 @@ PUBLISH_FAILURES = Counter(
     "relay_publish_failures", "Client publishes the broker did not accept (counted at the origin pod)"
 )
 DRAINING = Gauge("relay_draining", "1 while this pod is draining (unready, closing sockets with 1012)")
+
+# Redis broker (redis://, rediss://, redis+sentinel://, redis+cluster://); see docs/redis.md.
+REDIS_UP = Gauge("relay_redis_up", "1 while the Redis link is proven: connected, subscribed, probe answered")
+REDIS_RECONNECTS = Counter("relay_redis_reconnects", "Times the Redis link came back after it was lost")
+REDIS_LINK_FAILURES = Counter(
+    "relay_redis_link_failures",
+    "Times the Redis link was declared dead or an attempt to open it failed, by reason",
+    ["reason"],  # connection_lost | probe_timeout | publish_timeout | subscribe_timeout | not_master |
+    # topology_changed | connect_failed
+)
+REDIS_PUBLISH_DURATION = Histogram(
+    "relay_redis_publish_duration_seconds",
+    "From handing a publish to the Redis connection to Redis's reply (pipelined with its neighbours)",
+    buckets=LATENCY_BUCKETS,
+)
+REDIS_SUBSCRIPTIONS = Gauge(
+    "relay_redis_subscriptions", "Redis channels this pod wants: groups with local members, its own channels"
+)
+BROKER_LOST = Counter(
+    "relay_broker_lost",
+    "Messages the broker could not carry, by reason",
+    ["reason"],  # link_down (publish refused: no link) | in_flight (link lost before Redis answered) |
+    # rejected (Redis answered with an error) | backlog (pod too far behind its pub/sub link) |
+    # undecodable (not a relay envelope)
+)

@@ -58,7 +58,7 @@ class Pod:
         return {
             "not_draining": not self.draining,
             "below_connection_limit": self.hub.connection_count() < limit,
-            "broker": self.broker.ready,
+            "broker": self.broker.ready or not self.settings.ready_requires_broker,
         }
 
     def drain(self) -> asyncio.Task[None]:

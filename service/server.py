@@ -44,7 +44,7 @@ class PodServer:
 
     def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
         self.settings = settings
-        self.pod = Pod(settings, broker or open_broker(settings.broker_url, pod_id=settings.pod_id))
+        self.pod = Pod(settings, broker or open_broker(settings))
         self.port = settings.port
         self.internal_port = settings.internal_port
         self._servers: list[tuple[_Server, socket.socket]] = []

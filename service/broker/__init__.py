@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from service.config import Settings
+
+REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +64,28 @@ class Broker(Protocol):
         ...
 
 
-def open_broker(url: str, *, pod_id: str = "local", prefix: str = "relay") -> Broker:
-    """The broker for `url`'s scheme. Heavy client libraries are imported only when used."""
+def open_broker(settings: Settings) -> Broker:
+    """The broker for RELAY_BROKER_URL's scheme. Client libraries are imported only when used."""
+    url = settings.broker_url
     scheme = url.partition("://")[0]
     if scheme == "memory":
         from service.broker.memory import MemoryBroker, MemoryBus
 
         return MemoryBroker(MemoryBus())
-    raise ValueError(f"unsupported broker URL scheme {scheme!r} in RELAY_BROKER_URL (expected memory://)")
+    if scheme in REDIS_SCHEMES:
+        from service.broker.redis import RedisBroker
+        from service.broker.topology import connect_options, open_topology, parse_url
+
+        parsed = parse_url(url)
+        return RedisBroker(
+            open_topology(parsed),
+            connect_options(parsed, settings),
+            pod_id=settings.pod_id,
+            prefix=settings.redis_prefix,
+            probe_interval=settings.redis_probe_interval,
+            backoff_max=settings.redis_backoff_max,
+        )
+    raise ValueError(
+        f"unsupported broker URL scheme {scheme!r} in RELAY_BROKER_URL (expected memory://, "
+        "redis://, rediss://, redis+sentinel:// or redis+cluster://)"
+    )

@@ -1,0 +1,50 @@
+"""The envelope as it travels through Redis: a one-line header, then the frame text untouched.
+
+    b"1 <sent_at> <target>\\n<frame>"      a message (target empty for a group message)
+    b"P <nonce>\\n"                        a link probe; never reaches the hub
+
+The frame is already the exact JSON text members receive, so it is never parsed or re-encoded
+here: encoding is one f-string and one `encode`, decoding one `partition` and one `decode`.
+The leading version digit lets a future format coexist with this one during a rolling upgrade.
+"""
+
+from __future__ import annotations
+
+from service.broker import Envelope
+
+VERSION = b"1"
+PROBE = b"P"
+
+
+class BadPayload(ValueError):
+    """A payload on a relay channel that this version cannot read (counted, never delivered)."""
+
+
+def encode(envelope: Envelope) -> bytes:
+    """The Redis payload for `envelope` (its channel travels as the Redis channel name)."""
+    return f"1 {envelope.sent_at!r} {envelope.target}\n{envelope.frame}".encode()
+
+
+def decode(channel: str, payload: bytes) -> Envelope:
+    """The envelope carried by `payload` on logical `channel`; BadPayload if it is not one."""
+    head, newline, frame = payload.partition(b"\n")
+    parts = head.split(b" ")
+    if not newline or len(parts) != 3 or parts[0] != VERSION:
+        raise BadPayload(head[:40])
+    try:
+        sent_at = float(parts[1])
+        return Envelope(channel, frame.decode(), sent_at, parts[2].decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadPayload(head[:40]) from exc
+
+
+def probe(nonce: str) -> bytes:
+    """A probe payload: the pod publishes it to its own probe channel and waits for it."""
+    return b"P " + nonce.encode() + b"\n"
+
+
+def probe_nonce(payload: bytes) -> str | None:
+    """The nonce if `payload` is a probe, else None."""
+    if payload[:2] != b"P ":
+        return None
+    return payload[2:].rstrip(b"\n").decode(errors="replace")
