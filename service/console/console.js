@@ -350,12 +350,12 @@
       name.textContent = row.name;
       meaning.append(name, ` ${row.meaning}`);
       const again = document.createElement("td");
-      again.textContent = row.reconnect ? "yes, with backoff" : "no";
+      again.textContent = row.reconnect ? "yes" : "no";
       tr.append(code, meaning, again);
       el.codes.append(tr);
     }
     const ranges = [
-      ["4000-4499", "Application close: other relay reasons.", "yes, with backoff"],
+      ["4000-4499", "Application close: other relay reasons.", "yes"],
       ["4500-4999", "Application refusal: retrying as-is fails the same way.", "no"],
     ];
     for (const [codes, meaning, again] of ranges) {
