@@ -18,6 +18,7 @@ from typing import Any
 
 POD_ID = re.compile(r"[A-Za-z0-9_-]{1,63}")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+WS_IMPLS = ("websockets-sansio", "wsproto", "websockets")
 REDIS_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -90,6 +91,16 @@ class Settings:
     console: bool = _setting(
         True, "RELAY_CONSOLE", "serve the browser console page at GET / on the public port"
     )
+    ws_impl: str = _setting(
+        "websockets-sansio",
+        "RELAY_WS_IMPL",
+        "uvicorn WebSocket implementation: websockets-sansio (fastest), wsproto or websockets",
+    )
+    ws_compression: bool = _setting(
+        False,
+        "RELAY_WS_COMPRESSION",
+        "offer permessage-deflate; costs CPU and ~40 KiB per member, defeats encode-once fan-out",
+    )
     redis_prefix: str = _setting(
         "relay", "RELAY_REDIS_PREFIX", "prefix of every Redis channel, so several relays can share one Redis"
     )
@@ -140,6 +151,7 @@ class Settings:
             self._check(name, getattr(self, name) >= 0, "zero or more")
         self._check("close_timeout", self.close_timeout > 0, "more than 0")
         self._check("ready_connection_ratio", 0 < self.ready_connection_ratio <= 1, "in (0, 1]")
+        self._check("ws_impl", self.ws_impl in WS_IMPLS, "one of " + ", ".join(WS_IMPLS))
         self._check("log_format", self.log_format in ("auto", "json", "console"), "json, console or auto")
         self._check("log_level", self.log_level.upper() in LEVELS, "one of " + ", ".join(LEVELS))
         self._check("broker_url", "://" in self.broker_url, "a URL such as memory:// or redis://host:6379/0")
@@ -187,9 +199,15 @@ def parser() -> argparse.ArgumentParser:
             dest=f.name,
             type=kind,
             metavar=f.metadata["env"],
-            help=f"{f.metadata['help']} [default: {f.default or 'host name'}]".replace("%", "%%"),
+            help=f"{f.metadata['help']} [default: {_shown_default(f)}]".replace("%", "%%"),
         )
     return p
+
+
+def _shown_default(f: dataclasses.Field[Any]) -> str:
+    if f.name == "pod_id":
+        return "host name"
+    return "unset" if f.default == "" else str(f.default)
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -56,9 +56,13 @@ class PodServer:
             app,  # type: ignore[arg-type]
             http="httptools",
             lifespan="off",
+            interface="asgi3",  # stated: PublicApp.__call__ is a plain function returning a coroutine
             log_config=None,
             access_log=False,
             server_header=False,
+            # No X-Forwarded-* rewriting: relay never uses the client address, and the middleware
+            # costs a coroutine frame per connection.
+            proxy_headers=False,
             timeout_graceful_shutdown=int(self.settings.close_timeout) + 1,
             **options,  # type: ignore[arg-type]
         )
@@ -68,7 +72,8 @@ class PodServer:
         await self.pod.start()
         public = self._config(
             create_public_app(self.pod),
-            ws="websockets-sansio",  # measured fastest of uvicorn's implementations: docs/performance.md
+            ws=s.ws_impl,  # websockets-sansio measured fastest: docs/performance.md
+            ws_per_message_deflate=s.ws_compression,
             ws_max_size=s.max_frame_bytes,
             ws_ping_interval=s.ping_interval or None,
             ws_ping_timeout=s.ping_timeout or None,
