@@ -15,6 +15,11 @@ def group(name: str) -> str:
     return "g:" + name
 
 
+def group_of(channel: str) -> str:
+    """The group name a group channel carries (`g:chat` -> `chat`)."""
+    return channel[2:]
+
+
 def pod(pod_id: str) -> str:
     """The broker channel a pod listens on for direct sends and its own link probes."""
     return "p:" + pod_id

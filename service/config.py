@@ -19,6 +19,20 @@ from typing import Any
 POD_ID = re.compile(r"[A-Za-z0-9_-]{1,63}")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 WS_IMPLS = ("websockets-sansio", "wsproto", "websockets")
+# Never "none": an unsigned token is no token.
+JWT_ALGORITHMS = (
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "PS256",
+    "EdDSA",
+)
 REDIS_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -28,6 +42,16 @@ class SettingsError(ValueError):
 
 def _setting(default: Any, env: str, help: str) -> Any:
     return field(default=default, metadata={"env": env, "help": help})
+
+
+def _secret(env: str, help: str) -> Any:
+    """A string setting kept out of repr(), so it never reaches a log line or a traceback."""
+    return field(default="", repr=False, metadata={"env": env, "help": help})
+
+
+def split(value: str) -> list[str]:
+    """A comma-separated setting as a list, blanks dropped."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def default_pod_id() -> str:
@@ -104,11 +128,7 @@ class Settings:
     redis_prefix: str = _setting(
         "relay", "RELAY_REDIS_PREFIX", "prefix of every Redis channel, so several relays can share one Redis"
     )
-    redis_password: str = field(  # repr=False: never printed with the settings
-        default="",
-        repr=False,
-        metadata={"env": "RELAY_REDIS_PASSWORD", "help": "Redis password when the URL carries none"},
-    )
+    redis_password: str = _secret("RELAY_REDIS_PASSWORD", "Redis password when the URL carries none")
     redis_tls_ca_file: str = _setting(
         "", "RELAY_REDIS_TLS_CA_FILE", "rediss://: CA bundle to verify Redis with (default: system CAs)"
     )
@@ -137,6 +157,50 @@ class Settings:
         "RELAY_READY_REQUIRES_BROKER",
         "/readyz is false while the broker link is down (false: ignore it)",
     )
+    # Security (docs/security.md). Any RELAY_JWT_SECRET/PUBLIC_KEY_FILE/JWKS_FILE turns auth on.
+    allowed_origins: str = _setting(
+        "", "RELAY_ALLOWED_ORIGINS", "Origins allowed to open sockets, comma-separated globs; empty: any"
+    )
+    jwt_secret: str = _secret("RELAY_JWT_SECRET", "HS256 shared secret for client tokens (turns auth on)")
+    jwt_public_key_file: str = _setting(
+        "", "RELAY_JWT_PUBLIC_KEY_FILE", "PEM public key for RS256/ES256 client tokens (turns auth on)"
+    )
+    jwt_jwks_file: str = _setting(
+        "", "RELAY_JWT_JWKS_FILE", "JWKS file whose keys (by kid) verify client tokens (turns auth on)"
+    )
+    jwt_algorithms: str = _setting(
+        "",
+        "RELAY_JWT_ALGORITHMS",
+        "accepted token algorithms (default: HS256 with a secret, else RS256,ES256)",
+    )
+    jwt_audience: str = _setting(
+        "", "RELAY_JWT_AUDIENCE", "required token audience (aud); empty: not checked"
+    )
+    jwt_issuer: str = _setting("", "RELAY_JWT_ISSUER", "required token issuer (iss); empty: not checked")
+    jwt_required_claims: str = _setting(
+        "exp", "RELAY_JWT_REQUIRED_CLAIMS", "claims every token must carry, comma-separated (exp, sub, ...)"
+    )
+    jwt_leeway: float = _setting(5.0, "RELAY_JWT_LEEWAY", "seconds of clock skew allowed on exp, nbf and iat")
+    api_keys: str = _secret(
+        "RELAY_API_KEYS", "keys for POST /api/publish, comma-separated (several: rotation); empty: API off"
+    )
+    connect_rate: float = _setting(
+        0.0, "RELAY_CONNECT_RATE", "new sockets per second per pod (bursts of twice that); 0 disables"
+    )
+    pod_publish_rate: float = _setting(
+        0.0, "RELAY_POD_PUBLISH_RATE", "client publishes per second per pod, all sockets together; 0 disables"
+    )
+    user_max_connections: int = _setting(
+        100, "RELAY_USER_MAX_CONNECTIONS", "sockets one token subject (sub) may hold per pod; 0 disables"
+    )
+    user_connect_rate: float = _setting(
+        10.0,
+        "RELAY_USER_CONNECT_RATE",
+        "new sockets per second per sub per pod (bursts of twice); 0 disables",
+    )
+    user_publish_rate: float = _setting(
+        200.0, "RELAY_USER_PUBLISH_RATE", "publishes per second per sub per pod, all its sockets; 0 disables"
+    )
 
     def __post_init__(self) -> None:
         if not self.pod_id:
@@ -160,6 +224,25 @@ class Settings:
         )
         for name in ("redis_timeout", "redis_probe_interval", "redis_backoff_max"):
             self._check(name, getattr(self, name) > 0, "more than 0")
+        for name in (
+            "jwt_leeway",
+            "connect_rate",
+            "pod_publish_rate",
+            "user_connect_rate",
+            "user_publish_rate",
+        ):
+            self._check(name, getattr(self, name) >= 0, "zero or more")
+        self._check("user_max_connections", self.user_max_connections >= 0, "zero or more")
+        self._check(
+            "jwt_algorithms",
+            all(a in JWT_ALGORITHMS for a in split(self.jwt_algorithms)),
+            "a list from " + ", ".join(JWT_ALGORITHMS),
+        )
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Client tokens are required: a key to verify them was configured."""
+        return bool(self.jwt_secret or self.jwt_public_key_file or self.jwt_jwks_file)
 
     def _check(self, name: str, ok: bool, expected: str) -> None:
         if not ok:

@@ -86,6 +86,7 @@ class Connection:
         "id",
         "opened_at",
         "state",
+        "v1",
     )
 
     def __init__(
@@ -96,8 +97,10 @@ class Connection:
         outbox_size: int,
         close_timeout: float,
         on_stuck: Callable[[], object] = lambda: None,
+        v1: bool = False,
     ) -> None:
         self.id = conn_id
+        self.v1 = v1  # speaks protocol v1: group messages say their group
         self.state = State.OPEN
         self.groups: set[str] = set()  # broker channels this connection is a member of
         self.close_code: int | None = None

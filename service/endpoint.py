@@ -1,26 +1,44 @@
-"""The WebSocket endpoint: accept, admit, join the path's group, read frames, leave. No business rules.
+"""The WebSocket endpoint: accept, admit, join the path's group, read frames, leave. No business rules
+beyond asking `auth` and the quotas.
 
 A bare ASGI callable rather than a Starlette `WebSocket` handler: it keeps uvicorn's own `send`
 (no wrapper coroutine per frame), which `Connection.offer` drives directly, and reading raw ASGI
 events costs less per frame. It is served behind `app.PublicApp`, which routes plain HTTP to
 Starlette.
+
+Compatibility rule: a client that offers no `relay.v1` subprotocol and sends no `ref` sees exactly
+the seed protocol (bad frames silently ignored). Replies (`ack`, `error`) go to v1 clients and to any
+frame that carries a `ref`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from service import metrics, protocol
+from service.auth import AuthError, Identity, origin_allowed, origin_of, token_from
 from service.broker import BrokerUnavailable
 from service.channels import new_connection_id
 from service.connection import Connection
+from service.hub import TooManyGroups
 from service.limits import TokenBucket
 from service.pod import Pod
-from service.protocol import CloseCode, Rejected, SendToGroup
+from service.protocol import (
+    SUBPROTOCOL,
+    CloseCode,
+    Command,
+    ErrorCode,
+    Join,
+    Leave,
+    Rejected,
+    SendToChannel,
+    SendToGroup,
+)
 
 log = structlog.get_logger("relay.socket")
 
@@ -30,10 +48,40 @@ Send = Any
 
 KNOWN_CODES = frozenset(range(1000, 1016)) | frozenset(int(c) for c in CloseCode)
 
+# Refusal reason (a metric label) -> the close code the client sees.
+REFUSALS: dict[str, CloseCode] = {
+    "origin": CloseCode.POLICY_VIOLATION,
+    "invalid_group": CloseCode.BAD_GROUP_NAME,
+    "draining": CloseCode.SERVICE_RESTART,
+    "capacity": CloseCode.TRY_AGAIN_LATER,
+    "unauthorized": CloseCode.UNAUTHORIZED,
+    "token_expired": CloseCode.TOKEN_EXPIRED,
+    "forbidden": CloseCode.FORBIDDEN,
+    "connect_rate": CloseCode.TRY_AGAIN_LATER,
+    "user_connect_rate": CloseCode.TRY_AGAIN_LATER,
+    "user_connections": CloseCode.TOO_MANY_CONNECTIONS,
+    "broker": CloseCode.TRY_AGAIN_LATER,
+}
+
+DETAILS: dict[str, str] = {
+    "bad_json": "the frame is not JSON",
+    "not_object": "the frame is not a JSON object",
+    "unknown_task": "unknown task",
+    "invalid_group": "group_name must be 1-99 of A-Za-z0-9 . _ -",
+    "invalid_channel": "channel_id is not a channel id",
+    "bad_ref": "ref must be a string of up to 64 characters or an integer",
+}
+
 
 def code_label(code: int) -> str:
     """A bounded label value for a close code: clients may send any of thousands."""
     return str(code) if code in KNOWN_CODES else "other"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    reason: str
+    detail: str
 
 
 class Endpoint:
@@ -47,19 +95,47 @@ class Endpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
+        v1 = SUBPROTOCOL in scope.get("subprotocols", ())
         # Accept first, then close with a code: a close before accept reaches the client as a bare 403.
-        await send({"type": "websocket.accept"})
-        group = protocol.group_from_path(scope["path"])
-        refusal = "invalid_group" if group is None else self._pod.refusal()
-        if refusal is not None or group is None:
-            metrics.CONNECTIONS_REJECTED.labels(refusal).inc()
-            code = {
-                "invalid_group": CloseCode.BAD_GROUP_NAME,
-                "capacity": CloseCode.TRY_AGAIN_LATER,
-                "draining": CloseCode.SERVICE_RESTART,
-            }[refusal or "invalid_group"]
-            await send({"type": "websocket.close", "code": code, "reason": refusal or ""})
+        await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL if v1 else None})
+        admitted = self._admit(scope, v1)
+        if isinstance(admitted, Refusal):
+            metrics.CONNECTIONS_REJECTED.labels(admitted.reason).inc()
+            code = REFUSALS[admitted.reason]
+            await send({"type": "websocket.close", "code": code, "reason": admitted.detail})
             return
+        identity, group = admitted
+        try:
+            await self._serve(receive, send, identity, group, v1)
+        finally:
+            self._pod.quotas.release(identity.sub)
+
+    def _admit(self, scope: Scope, v1: bool) -> tuple[Identity, str | None] | Refusal:
+        """Everything that may refuse a new socket, cheapest first."""
+        pod = self._pod
+        if not origin_allowed(origin_of(scope), pod.allowed_origins):
+            return Refusal("origin", "origin not allowed")
+        group = protocol.group_from_path(scope["path"])
+        if group is None and not (v1 and scope["path"] == "/"):  # v1 clients may start in no group
+            return Refusal("invalid_group", "invalid group name in path")
+        refusal = pod.refusal()
+        if refusal is not None:
+            return Refusal(refusal, {"draining": "service restart", "capacity": "pod full"}[refusal])
+        try:
+            identity = pod.auth.authenticate(token_from(scope))
+        except AuthError as exc:
+            reason = "token_expired" if exc.code == CloseCode.TOKEN_EXPIRED else "unauthorized"
+            return Refusal(reason, exc.reason)
+        if group is not None and not identity.may_join(group):
+            return Refusal("forbidden", "token does not allow this group")
+        quota = pod.quotas.admit(identity.sub, time.monotonic())
+        if quota is not None:
+            return Refusal(quota, quota.replace("_", " ") + " limit")
+        return identity, group
+
+    async def _serve(
+        self, receive: Receive, send: Send, identity: Identity, group: str | None, v1: bool
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         abandoned = False
@@ -75,19 +151,32 @@ class Endpoint:
             outbox_size=self._settings.outbox_size,
             close_timeout=self._settings.close_timeout,
             on_stuck=abandon,
+            v1=v1,
         )
+        expiry = None
+        if identity.expires_at is not None:
+            delay = max(0.0, identity.expires_at - time.time())
+            expiry = asyncio.get_running_loop().call_later(
+                delay, conn.close, CloseCode.TOKEN_EXPIRED, "token expired"
+            )
         client_code = 1006
         try:
             self._hub.register(conn)
-            await self._hub.join(conn, group)
+            if group is not None:
+                await self._hub.join(conn, group)
             metrics.CONNECTIONS_OPENED.inc()
             conn.offer(protocol.welcome(conn.id))
-            client_code = await self._read(conn, receive)
+            client_code = await self._read(conn, receive, identity)
+        except BrokerUnavailable:  # the path group could not be subscribed
+            metrics.CONNECTIONS_REJECTED.labels("broker").inc()
+            conn.close(CloseCode.TRY_AGAIN_LATER, "broker unavailable")
         except asyncio.CancelledError:
             if not abandoned:
                 raise
             task.uncancel()
         finally:
+            if expiry is not None:
+                expiry.cancel()
             conn.gone()
             await self._hub.disconnect(conn)
             final_code = conn.close_code or client_code
@@ -103,7 +192,7 @@ class Endpoint:
                 frames_out=conn.frames_out,
             )
 
-    async def _read(self, conn: Connection, receive: Receive) -> int:
+    async def _read(self, conn: Connection, receive: Receive, identity: Identity) -> int:
         """Read client frames until the socket closes; returns the close code the client gave."""
         bucket = TokenBucket(self._settings.publish_rate, self._settings.publish_burst, time.monotonic())
         while True:
@@ -118,22 +207,60 @@ class Endpoint:
             text = event.get("text")
             if text is None:
                 metrics.MESSAGES_RECEIVED.labels("binary").inc()
+                if conn.v1:
+                    conn.offer(protocol.error("bad_json", "binary frames are not supported"))
                 continue
             command = protocol.decode(text)
             if isinstance(command, Rejected):
                 metrics.MESSAGES_RECEIVED.labels(command.reason).inc()
+                if conn.v1 or command.ref is not None:
+                    conn.offer(protocol.error(command.reason, DETAILS[command.reason], command.ref))
                 continue
-            if not bucket.take(time.monotonic()):
+            answered = conn.v1 or command.ref is not None
+            now = time.monotonic()
+            publishes = isinstance(command, SendToGroup | SendToChannel)
+            if not bucket.take(now) or (publishes and not self._pod.quotas.allow_publish(identity.sub, now)):
                 metrics.MESSAGES_RECEIVED.labels("rate_limited").inc()
+                if answered:
+                    conn.offer(protocol.error("rate_limited", "slow down", command.ref))
+                    continue
                 conn.close(CloseCode.RATE_LIMITED, "publish rate exceeded")
                 continue  # the close arrives as a disconnect event
-            try:
-                if isinstance(command, SendToGroup):
-                    await self._hub.publish(command.group, command.frame)
-                    metrics.MESSAGES_RECEIVED.labels("published").inc()
+            outcome, failure = await self._execute(conn, command, identity)
+            metrics.MESSAGES_RECEIVED.labels(outcome).inc()
+            if answered:
+                if failure is None:
+                    conn.offer(protocol.ack(command.ref))
                 else:
-                    await self._hub.send_direct(command.channel_id, command.frame)
-                    metrics.MESSAGES_RECEIVED.labels("direct").inc()
-            except BrokerUnavailable:
-                metrics.MESSAGES_RECEIVED.labels("broker_error").inc()
-                metrics.PUBLISH_FAILURES.inc()
+                    conn.offer(protocol.error(failure[0], failure[1], command.ref))
+
+    async def _execute(
+        self, conn: Connection, command: Command, identity: Identity
+    ) -> tuple[str, tuple[ErrorCode, str] | None]:
+        """Carry out one command: (metric outcome, None on success or (error code, detail))."""
+        hub = self._hub
+        try:
+            if isinstance(command, SendToGroup):
+                if not identity.may_publish(command.group):
+                    return "forbidden", ("forbidden", "token does not allow publishing to this group")
+                await hub.publish(command.group, command.frame)
+                return "published", None
+            if isinstance(command, SendToChannel):
+                if not identity.direct:
+                    return "forbidden", ("forbidden", "token does not allow direct sends")
+                if await hub.send_direct(command.channel_id, command.frame) == 0:
+                    return "unknown_channel", ("unknown_channel", "no pod holds that channel id")
+                return "direct", None
+            if isinstance(command, Join):
+                if not identity.may_join(command.group):
+                    return "forbidden", ("forbidden", "token does not allow this group")
+                await hub.join(conn, command.group)
+                return "joined", None
+            assert isinstance(command, Leave)
+            await hub.leave(conn, command.group)
+            return "left", None
+        except TooManyGroups as exc:
+            return "too_many_groups", ("too_many_groups", str(exc))
+        except BrokerUnavailable:
+            metrics.PUBLISH_FAILURES.inc()
+            return "broker_error", ("broker_unavailable", "the broker is unreachable; retry later")

@@ -17,7 +17,7 @@ from service import channels, metrics
 from service.broker import Broker, Envelope
 from service.connection import Connection
 from service.limits import KeyedLock
-from service.protocol import pod_of
+from service.protocol import group_frame, pod_of
 
 log = structlog.get_logger("relay.hub")
 
@@ -141,9 +141,15 @@ class Hub:
             return
         started = time.perf_counter()
         frame = envelope.frame
+        v1_frame = None  # the v1 form ({"group": G, "message": ...}), built once if anyone needs it
         # offer() never awaits and never changes membership, so the set can be walked in place.
         for conn in members:
-            conn.offer(frame)
+            if conn.v1:
+                if v1_frame is None:
+                    v1_frame = group_frame(channels.group_of(envelope.channel), frame)
+                conn.offer(v1_frame)
+            else:
+                conn.offer(frame)
         finished = time.perf_counter()
         count = len(members)
         metrics.MESSAGES_SENT.inc(count)

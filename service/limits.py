@@ -1,10 +1,11 @@
-"""Pure rate and lock helpers with no I/O: a token bucket and a per-key lock."""
+"""Pure rate and lock helpers with no I/O: token buckets, per-pod and per-user quotas, per-key locks."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Literal
 
 
 class TokenBucket:
@@ -52,3 +53,84 @@ class KeyedLock:
 
     def __len__(self) -> int:
         return len(self._locks)
+
+
+QuotaRefusal = Literal["connect_rate", "user_connections", "user_connect_rate"]
+SWEEP_INTERVAL = 60.0  # seconds between sweeps of users with no sockets left
+
+
+def bucket(rate: float, now: float) -> TokenBucket:
+    """A bucket for `rate` per second with bursts of twice that (rate 0: unlimited)."""
+    return TokenBucket(rate, max(1, int(2 * rate)), now)
+
+
+class _User:
+    __slots__ = ("connect", "connections", "publish")
+
+    def __init__(self, connect: TokenBucket, publish: TokenBucket) -> None:
+        self.connections = 0
+        self.connect = connect
+        self.publish = publish
+
+
+class Quotas:
+    """Per-pod and per-user (token `sub`) limits: sockets held, new sockets per second, publishes
+    per second. Per user means per user on this pod: pods share no state."""
+
+    def __init__(
+        self,
+        *,
+        connect_rate: float,
+        publish_rate: float,
+        user_max_connections: int,
+        user_connect_rate: float,
+        user_publish_rate: float,
+        now: float,
+    ) -> None:
+        self._connect = bucket(connect_rate, now)
+        self._publish = bucket(publish_rate, now)
+        self._user_max = user_max_connections
+        self._user_connect_rate = user_connect_rate
+        self._user_publish_rate = user_publish_rate
+        self._users: dict[str, _User] = {}
+        self._swept = now
+
+    def admit(self, sub: str | None, now: float) -> QuotaRefusal | None:
+        """Count a new socket for `sub`, or say which limit refuses it."""
+        if now - self._swept > SWEEP_INTERVAL:
+            self._sweep(now)
+        user = None
+        if sub is not None:
+            user = self._users.get(sub)
+            if user is None:
+                user = self._users[sub] = _User(
+                    bucket(self._user_connect_rate, now), bucket(self._user_publish_rate, now)
+                )
+            if self._user_max and user.connections >= self._user_max:
+                return "user_connections"
+            if not user.connect.take(now):
+                return "user_connect_rate"
+        if not self._connect.take(now):
+            return "connect_rate"
+        if user is not None:
+            user.connections += 1
+        return None
+
+    def release(self, sub: str | None) -> None:
+        """A socket `admit` counted has closed."""
+        if sub is not None and (user := self._users.get(sub)) is not None:
+            user.connections -= 1
+
+    def allow_publish(self, sub: str | None, now: float) -> bool:
+        """Spend one publish from the pod's and the user's budgets."""
+        if sub is not None and (user := self._users.get(sub)) is not None and not user.publish.take(now):
+            return False
+        return self._publish.take(now)
+
+    def users(self) -> int:
+        return len(self._users)
+
+    def _sweep(self, now: float) -> None:
+        self._swept = now
+        for sub in [s for s, u in self._users.items() if u.connections <= 0]:
+            del self._users[sub]

@@ -12,14 +12,17 @@ import asyncio
 import contextlib
 import math
 import random
+import time
 from typing import Literal
 
 import structlog
 
 from service import metrics
+from service.auth import Authenticator
 from service.broker import Broker
-from service.config import Settings
+from service.config import Settings, split
 from service.hub import Hub
+from service.limits import Quotas
 from service.protocol import CloseCode
 
 log = structlog.get_logger("relay.pod")
@@ -35,6 +38,16 @@ class Pod:
         self.settings = settings
         self.broker = broker
         self.hub = Hub(broker, settings.pod_id, max_groups=settings.max_groups)
+        self.auth = Authenticator(settings)  # reads key files now: a bad one stops start-up
+        self.allowed_origins = split(settings.allowed_origins)
+        self.quotas = Quotas(
+            connect_rate=settings.connect_rate,
+            publish_rate=settings.pod_publish_rate,
+            user_max_connections=settings.user_max_connections,
+            user_connect_rate=settings.user_connect_rate,
+            user_publish_rate=settings.user_publish_rate,
+            now=time.monotonic(),
+        )
         self.draining = False
         self.stopped = asyncio.Event()  # set once the drain is over: the servers exit
         self._run: asyncio.Task[None] | None = None

@@ -16,7 +16,12 @@ import orjson
 GROUP_NAME = re.compile(r"[A-Za-z0-9._-]{1,99}")  # always fullmatch: "$" would let a trailing newline in
 CHANNEL_ID = re.compile(r"[A-Za-z0-9_-]{1,63}\.[A-Za-z0-9_-]{1,64}")
 
-RejectReason = Literal["bad_json", "not_object", "unknown_task", "invalid_group", "invalid_channel"]
+RejectReason = Literal[
+    "bad_json", "not_object", "unknown_task", "invalid_group", "invalid_channel", "bad_ref"
+]
+Ref = str | int | None  # a client's request id, echoed in the ack or error that answers it
+SUBPROTOCOL = "relay.v1"
+MAX_REF_LENGTH = 64
 
 
 class CloseCode(IntEnum):
@@ -29,14 +34,18 @@ class CloseCode(IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
-    POLICY_VIOLATION = 1008  # origin, authentication or permission refused
+    POLICY_VIOLATION = 1008  # the Origin is not in RELAY_ALLOWED_ORIGINS
     MESSAGE_TOO_BIG = 1009  # a client frame exceeded RELAY_MAX_FRAME_BYTES
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012  # the pod is draining: reconnect, the Service routes you elsewhere
-    TRY_AGAIN_LATER = 1013  # the pod is full (RELAY_MAX_CONNECTIONS): reconnect with backoff
+    TRY_AGAIN_LATER = 1013  # the pod is full or opening sockets too fast: reconnect with backoff
+    TOKEN_EXPIRED = 4001  # the token reached its exp: reconnect with a fresh token
     SLOW_CONSUMER = 4008  # fell more than RELAY_OUTBOX_SIZE frames behind
-    RATE_LIMITED = 4029  # published faster than RELAY_PUBLISH_RATE / RELAY_PUBLISH_BURST allow
+    RATE_LIMITED = 4029  # published faster than the publish limits allow (seed clients)
+    TOO_MANY_CONNECTIONS = 4030  # this user already holds RELAY_USER_MAX_CONNECTIONS sockets
     BAD_GROUP_NAME = 4500  # the path does not name a valid group: fix the URL
+    UNAUTHORIZED = 4501  # no token, or a token that fails verification
+    FORBIDDEN = 4503  # the token does not allow the path's group
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +54,7 @@ class SendToGroup:
 
     group: str
     frame: str
+    ref: Ref = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,16 +63,34 @@ class SendToChannel:
 
     channel_id: str
     frame: str
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """v1 `join`: become a member of another group."""
+
+    group: str
+    ref: Ref = None
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """v1 `leave`: stop being a member of a group."""
+
+    group: str
+    ref: Ref = None
 
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """A frame the relay does not act on; seed clients never hear about it."""
+    """A frame the relay does not act on; seed clients never hear about it, v1 clients get an error."""
 
     reason: RejectReason
+    ref: Ref = None
 
 
-Command = SendToGroup | SendToChannel
+Command = SendToGroup | SendToChannel | Join | Leave
 
 
 def decode(text: str) -> Command | Rejected:
@@ -73,18 +101,33 @@ def decode(text: str) -> Command | Rejected:
         return Rejected("bad_json")
     if not isinstance(obj, dict):
         return Rejected("not_object")
+    ref = obj.get("ref")
+    if ref is not None and not _valid_ref(ref):
+        return Rejected("bad_ref")
     task = obj.get("task")
-    if task == "send_message_to_group":
+    if task in ("send_message_to_group", "join", "leave"):
         group = obj.get("group_name")
         if not isinstance(group, str) or GROUP_NAME.fullmatch(group) is None:
-            return Rejected("invalid_group")
-        return SendToGroup(group, message_frame(text))
+            return Rejected("invalid_group", ref)
+        if task == "join":
+            return Join(group, ref)
+        if task == "leave":
+            return Leave(group, ref)
+        return SendToGroup(group, message_frame(text), ref)
     if task == "send_message_to_channel":
         channel_id = obj.get("channel_id")
         if not isinstance(channel_id, str) or CHANNEL_ID.fullmatch(channel_id) is None:
-            return Rejected("invalid_channel")
-        return SendToChannel(channel_id, message_frame(text))
-    return Rejected("unknown_task")
+            return Rejected("invalid_channel", ref)
+        return SendToChannel(channel_id, message_frame(text), ref)
+    return Rejected("unknown_task", ref)
+
+
+def _valid_ref(ref: object) -> bool:
+    if isinstance(ref, bool):
+        return False
+    if isinstance(ref, int):
+        return -(2**53) < ref < 2**53  # exact in every JSON client
+    return isinstance(ref, str) and len(ref) <= MAX_REF_LENGTH
 
 
 def message_frame(object_text: str) -> str:
@@ -110,3 +153,39 @@ def group_from_path(path: str) -> str | None:
 def pod_of(channel_id: str) -> str:
     """The pod id a channel id starts with (ids are `<pod_id>.<random>`)."""
     return channel_id.partition(".")[0]
+
+
+ErrorCode = Literal[
+    "bad_json",
+    "not_object",
+    "unknown_task",
+    "invalid_group",
+    "invalid_channel",
+    "bad_ref",
+    "forbidden",
+    "rate_limited",
+    "too_many_groups",
+    "broker_unavailable",
+    "unknown_channel",
+]
+
+
+def ack(ref: Ref) -> str:
+    """`{"ack": ref}`: the request `ref` was carried out (a publish: the broker accepted it)."""
+    return orjson.dumps({"ack": ref}).decode()
+
+
+def error(code: ErrorCode, detail: str, ref: Ref = None) -> str:
+    """`{"error": {...}}` with a stable machine-readable code; `ref` names the request it answers."""
+    body: dict[str, object] = {"code": code, "detail": detail}
+    if ref is not None:
+        body["ref"] = ref
+    return orjson.dumps({"error": body}).decode()
+
+
+def group_frame(group: str, frame: str) -> str:
+    """The v1 form of a group message, `{"group": G, "message": ...}`, from the seed form.
+
+    Built once per message per pod, and only when the pod has v1 members; group names need no
+    escaping (GROUP_NAME allows none of the characters JSON escapes)."""
+    return '{"group":"' + group + '",' + frame[1:]

@@ -80,4 +80,8 @@ def test_close_codes_follow_the_reconnect_ranges() -> None:
     codes = protocol.CloseCode
     assert 4000 <= codes.SLOW_CONSUMER < 4500 and 4000 <= codes.RATE_LIMITED < 4500
     assert 4500 <= codes.BAD_GROUP_NAME < 5000
-    assert (int(codes.SERVICE_RESTART), int(codes.TRY_AGAIN_LATER), int(codes.MESSAGE_TOO_BIG)) == (1012, 1013, 1009)
+    assert (int(codes.SERVICE_RESTART), int(codes.TRY_AGAIN_LATER), int(codes.MESSAGE_TOO_BIG)) == (
+        1012,
+        1013,
+        1009,
+    )

@@ -21,7 +21,7 @@
     {
       code: 1008,
       name: "Policy violation",
-      meaning: "Origin, token or permission refused. Fix the token, then connect again.",
+      meaning: "This page's Origin is not in the pod's RELAY_ALLOWED_ORIGINS.",
       reconnect: false,
     },
     { code: 1009, name: "Frame too big", meaning: "A frame sent was over the pod's RELAY_MAX_FRAME_BYTES.", reconnect: true },
@@ -32,7 +32,18 @@
       meaning: "The pod is draining (a deploy or scale-down); a new connection reaches another pod.",
       reconnect: true,
     },
-    { code: 1013, name: "Try again later", meaning: "The pod is full, or its broker is down.", reconnect: true },
+    {
+      code: 1013,
+      name: "Try again later",
+      meaning: "The pod is full, new sockets arrive too fast, or its broker is down.",
+      reconnect: true,
+    },
+    {
+      code: 4001,
+      name: "Token expired",
+      meaning: "The token reached its expiry: paste a fresh token, then connect again.",
+      reconnect: false,
+    },
     {
       code: 4008,
       name: "Slow consumer",
@@ -46,9 +57,27 @@
       reconnect: true,
     },
     {
+      code: 4030,
+      name: "Too many connections",
+      meaning: "This token's user already holds RELAY_USER_MAX_CONNECTIONS sockets on the pod.",
+      reconnect: true,
+    },
+    {
       code: 4500,
       name: "Bad group name",
       meaning: "The path does not name a valid group: 1-99 letters, digits, '-', '_' or '.'. Fix the name.",
+      reconnect: false,
+    },
+    {
+      code: 4501,
+      name: "Unauthorized",
+      meaning: "The pod requires a token and none was given, or it failed verification.",
+      reconnect: false,
+    },
+    {
+      code: 4503,
+      name: "Forbidden",
+      meaning: "The token does not allow this group.",
       reconnect: false,
     },
   ];
