@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run lint fmt test test-fast redis-server chromium bench clean tools helm-lint
+.PHONY: help install run lint fmt test test-fast redis-server chromium bench load-venv load-smoke clean tools helm-lint
 
 help:             ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
@@ -24,13 +24,13 @@ run: $(STAMP)     ## one pod on 127.0.0.1:8000 (internal :8001) with the in-memo
 	RELAY_DRAIN_DELAY=$${RELAY_DRAIN_DELAY:-0} $(BIN)/python -m service
 
 lint: $(STAMP)    ## ruff (format and rules) and mypy --strict, changing nothing
-	$(BIN)/ruff format --check service tests
-	$(BIN)/ruff check service tests
+	$(BIN)/ruff format --check service tests loadtest
+	$(BIN)/ruff check service tests loadtest
 	$(BIN)/mypy
 
 fmt: $(STAMP)     ## apply ruff's formatting and safe fixes
-	$(BIN)/ruff format service tests
-	$(BIN)/ruff check --fix service tests
+	$(BIN)/ruff format service tests loadtest
+	$(BIN)/ruff check --fix service tests loadtest
 
 redis-server:     ## make sure redis-server is installed (apt-get when root), else fail clearly
 	@command -v redis-server >/dev/null || { \
@@ -73,11 +73,29 @@ helm-lint: tools  ## lint the chart (--strict) and render it with every values f
 	$(TOOLS)/helm lint --strict deploy/helm/relay $(foreach f,$(wildcard deploy/helm/relay/ci/*.yaml),&& $(TOOLS)/helm lint --strict deploy/helm/relay -f $(f))
 	@for f in deploy/helm/relay/ci/*.yaml; do $(TOOLS)/helm template relay deploy/helm/relay -f $$f >/dev/null || exit 1; done; echo "rendered: $$(ls deploy/helm/relay/ci/*.yaml | wc -l) values files"
 
-test: lint redis-server chromium tools ## everything CI runs: lint, unit and end-to-end tests (starts its own redis-server)
+# The load venv: Locust, gevent, the reference Django Channels app, matplotlib (loadtest/requirements.txt),
+# apart from .venv so the development tools stay lean.
+LOAD_VENV := .venv-load
+LOAD_STAMP := $(LOAD_VENV)/.installed
+$(LOAD_STAMP): loadtest/requirements.txt
+	$(PYTHON) -m venv $(LOAD_VENV)
+	$(LOAD_VENV)/bin/pip install --quiet --upgrade pip
+	$(LOAD_VENV)/bin/pip install --quiet -r loadtest/requirements.txt
+	touch $(LOAD_STAMP)
+
+load-venv: $(LOAD_STAMP) ## .venv-load: Locust, the Django Channels reference app and matplotlib
+
+load-smoke: $(STAMP) $(LOAD_STAMP) redis-server ## the Locust smoke profile and the engine against a real pod
+	$(BIN)/pytest tests/test_loadtest.py
+
+bench: $(STAMP) $(LOAD_STAMP) redis-server ## side-by-side benchmark (relay 1 and 2 pods vs Django Channels): docs/benchmarks.md
+	ulimit -n $$(ulimit -Hn) && $(LOAD_VENV)/bin/python -m loadtest.bench
+
+test: lint redis-server chromium tools $(LOAD_STAMP) ## everything CI runs: lint, unit and end-to-end tests (starts its own redis-server)
 	$(BIN)/pytest -n auto --dist loadgroup
 
 test-fast: $(STAMP) ## unit tests only: no subprocesses, no Redis
 	$(BIN)/pytest -m "not integration"
 
 clean:            ## remove the virtualenv and caches
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOAD_VENV) .mypy_cache .pytest_cache .ruff_cache
