@@ -2,8 +2,8 @@
 every alert rule is then evaluated by it.
 
 The pods get traffic that exercises each panel: members on both pods, group and direct publishes,
-bad frames, a refused handshake, an unknown channel, and a short Redis outage (so the link-failure
-and lost-message counters exist). Each query must return at least one number, not an empty result.
+bad frames, a refused handshake, an unknown channel, a backend API request, and a short Redis outage
+(so the link-failure and lost-message counters exist). Each query must return at least one number.
 """
 
 from __future__ import annotations
@@ -199,6 +199,9 @@ async def traffic(pods: dict[str, PodProcess], redis: RedisServer) -> None:
     refused = await websockets.connect(a + "/" + "x" * 120)  # no valid group: closed with 4500
     with pytest.raises(websockets.ConnectionClosed):
         await asyncio.wait_for(refused.recv(), 5)
+    async with httpx.AsyncClient() as http:  # the backend API (off without RELAY_API_KEYS: still counted)
+        internal = next(iter(pods.values())).internal_port
+        await http.post(f"http://127.0.0.1:{internal}/api/publish", json={"group": "lobby"}, timeout=5)
     redis.kill()  # a short outage: link failures, and a publish the broker cannot carry
     await asyncio.sleep(0.5)
     await member_a.publish("lobby", during="outage")
