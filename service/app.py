@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.api import api_routes
 from service.console import console_routes
 from service.endpoint import Endpoint
 from service.pod import Pod
@@ -73,5 +74,6 @@ def create_internal_app(pod: Pod) -> Starlette:
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/drain", drain, methods=["POST", "GET"]),
+            *api_routes(pod),
         ]
     )

@@ -6,6 +6,7 @@ Named `logs` rather than `logging` so it never shadows the standard library modu
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
@@ -16,9 +17,23 @@ import structlog
 _HANDSHAKE_LINES = ('%s - "WebSocket %s"', "connection open", "connection closed")
 
 
+# At DEBUG, the WebSocket library logs raw handshake lines: the request line carries ?token=... and
+# a header line may carry Authorization. Credentials never reach the output.
+_SECRETS = re.compile(r"(?i)(token=)[^&\s\"']+|(authorization:\s*)\S.*")
+
+
 class _DropHandshakeLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (isinstance(record.msg, str) and record.msg.startswith(_HANDSHAKE_LINES))
+
+
+class _RedactSecrets(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message.lower() or "authorization" in message.lower():
+            record.msg = _SECRETS.sub(lambda m: (m.group(1) or m.group(2)) + "[redacted]", message)
+            record.args = None
+        return True
 
 
 def use_json(log_format: str) -> bool:
@@ -61,6 +76,7 @@ def configure_logging(as_json: bool, level: str = "INFO") -> None:
         )
     )
     handler.addFilter(_DropHandshakeLines())
+    handler.addFilter(_RedactSecrets())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)

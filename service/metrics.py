@@ -90,3 +90,9 @@ BROKER_LOST = Counter(
     # rejected (Redis answered with an error) | backlog (pod too far behind its pub/sub link) |
     # undecodable (not a relay envelope)
 )
+
+API_REQUESTS = Counter(
+    "relay_api_requests",
+    "Backend publish API requests (POST /api/publish on the internal port) by outcome",
+    ["outcome"],  # accepted | disabled | unauthorized | forbidden | bad_request | too_large | broker_error
+)

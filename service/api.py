@@ -1,0 +1,69 @@
+"""The backend publish API: `POST /api/publish` on the internal port.
+
+How a Django (or any) backend sends to a group or one connection without holding a WebSocket:
+`{"group": G, "message": M}` or `{"channel_id": C, "message": M}` with `Authorization: Bearer <key>`.
+Members receive `{"message": M}` (v1 members `{"group": G, "message": M}`), exactly as if a client had
+published. Keys come from RELAY_API_KEYS; listing two lets a key be rotated without downtime.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service import metrics, protocol
+from service.broker import BrokerUnavailable
+from service.config import split
+from service.pod import Pod
+
+
+def _error(status: int, outcome: str, code: str, detail: str) -> Response:
+    metrics.API_REQUESTS.labels(outcome).inc()
+    return JSONResponse({"error": {"code": code, "detail": detail}}, status_code=status)
+
+
+def api_routes(pod: Pod) -> list[Route]:
+    keys = [key.encode() for key in split(pod.settings.api_keys)]
+    limit = pod.settings.max_frame_bytes
+
+    async def publish(request: Request) -> Response:
+        if not keys:
+            return _error(404, "disabled", "api_disabled", "the publish API is off: set RELAY_API_KEYS")
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            return _error(401, "unauthorized", "unauthorized", "send Authorization: Bearer <api key>")
+        given = header[7:].strip().encode()
+        if not any(hmac.compare_digest(given, key) for key in keys):
+            return _error(403, "forbidden", "forbidden", "unknown API key")
+        body = await request.body()
+        if len(body) > limit:
+            return _error(413, "too_large", "too_large", f"the body is over RELAY_MAX_FRAME_BYTES ({limit})")
+        try:
+            request_obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _error(400, "bad_request", "bad_json", "the body is not JSON")
+        if not isinstance(request_obj, dict) or "message" not in request_obj:
+            return _error(400, "bad_request", "bad_request", 'expected {"group" or "channel_id", "message"}')
+        group, channel_id = request_obj.get("group"), request_obj.get("channel_id")
+        if (group is None) == (channel_id is None):
+            return _error(400, "bad_request", "bad_request", 'give exactly one of "group" and "channel_id"')
+        frame = orjson.dumps({"message": request_obj["message"]}).decode()
+        try:
+            if group is not None:
+                if not isinstance(group, str) or protocol.GROUP_NAME.fullmatch(group) is None:
+                    return _error(400, "bad_request", "invalid_group", "group: 1-99 of A-Za-z0-9 . _ -")
+                pods = await pod.hub.publish(group, frame)
+            else:
+                if not isinstance(channel_id, str) or protocol.CHANNEL_ID.fullmatch(channel_id) is None:
+                    return _error(400, "bad_request", "invalid_channel", "channel_id is not a channel id")
+                pods = await pod.hub.send_direct(channel_id, frame)
+        except BrokerUnavailable:
+            return _error(503, "broker_error", "broker_unavailable", "the broker is unreachable; retry later")
+        metrics.API_REQUESTS.labels("accepted").inc()
+        return JSONResponse({"pods": pods}, status_code=202)
+
+    return [Route("/api/publish", publish, methods=["POST"])]
