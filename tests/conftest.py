@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import structlog
 
+pytest_plugins = ["tests.redis_servers"]
+
 
 def pytest_configure() -> None:
     # Tests read structlog output with capture_logs; no cached loggers (structlog docs/testing.md).

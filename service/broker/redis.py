@@ -58,17 +58,19 @@ class _Link:
         self.broken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.waiters: dict[bytes, deque[asyncio.Future[None]]] = {}
         self.monitor: asyncio.Task[None] | None = None
+        self.failed = False
 
     def fail(self, reason: str) -> None:
         """End this link (idempotent): close every connection, release everyone waiting on it."""
-        if self.broken.done():
+        if self.failed:
             return
-        self.broken.set_result(reason)
+        self.failed = True
+        if not self.broken.done():
+            self.broken.set_result(reason)
         for node in self.nodes:
             node.answered.set()
-            for conn in (getattr(node, "pub", None), getattr(node, "sub", None)):
-                if conn is not None:
-                    conn.close()
+        for conn in self.connections():
+            conn.close()
         for waiters in self.waiters.values():
             for waiter in waiters:
                 if not waiter.done():
@@ -76,6 +78,13 @@ class _Link:
         self.waiters.clear()
         if self.monitor is not None and self.monitor is not asyncio.current_task():
             self.monitor.cancel()
+
+    def connections(self) -> list[RespConnection]:
+        return [c for n in self.nodes for c in (getattr(n, "pub", None), getattr(n, "sub", None)) if c]
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(c.wait_closed() for c in self.connections())), 1.0)
 
     def expect(self, channel: bytes) -> asyncio.Future[None]:
         """A future resolved by Redis's next (un)subscribe confirmation for `channel`."""
@@ -187,13 +196,18 @@ class RedisBroker:
         if self._closed:
             return
         self._closed = True
+        link = self._link
+        if link is not None:
+            link.fail("closed")  # the supervisor wakes, sees _closed and returns
         if self._supervisor is not None:
+            # Cancel as well, for an attempt under way; the supervisor also checks _closed after
+            # each step, because asyncio.wait_for in Python 3.11 can swallow a cancellation.
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        if self._link is not None:
-            self._link.fail("closed")
-            self._link = None
+        if link is not None:
+            await link.wait_closed()
+        self._link = None
         metrics.REDIS_UP.set(0)
         self._inbox.put_nowait(None)
 
@@ -207,7 +221,7 @@ class RedisBroker:
     async def _supervise(self) -> None:
         delay = BACKOFF_MIN
         failures = 0
-        while True:
+        while not self._closed:
             self._connecting = True
             try:
                 link = await self._open()
@@ -221,10 +235,14 @@ class RedisBroker:
                 delay = min(delay * 2, self._backoff_max)
                 continue
             self._connecting = False
+            if self._closed:
+                link.fail("closed")
+                await link.wait_closed()
+                return
             opened = time.monotonic()
             self._went_up(link, failures)
             failures = 0
-            reason = await link.broken
+            reason = await asyncio.shield(link.broken)  # cancelling the supervisor must not end it
             self._went_down(link, reason)
             if time.monotonic() - opened > STABLE_AFTER:
                 delay = BACKOFF_MIN
@@ -250,16 +268,17 @@ class RedisBroker:
             await self._reconcile(link)
             await asyncio.wait_for(asyncio.gather(*(self._probe(link, n) for n in link.nodes)), self._timeout)
             await self._reconcile(link)  # channels wanted or dropped while the probe was out
-            if link.broken.done():
+            if link.failed:
                 raise ConnectionLost(f"the link failed while it was being opened ({link.broken.result()})")
         except BaseException:
             link.fail("closed")
+            await link.wait_closed()
             raise
         return link
 
     async def _reconcile(self, link: _Link) -> None:
         """Subscribe what is wanted and not asked for on `link`, unsubscribe the rest, until stable."""
-        while not link.broken.done():
+        while not link.failed:
             asked = set().union(*(n.subscribed - {n.probe_channel} for n in link.nodes))
             missing = [c for c in self._wanted if c not in asked]
             extra = [c for c in asked if c not in self._wanted]
@@ -306,7 +325,7 @@ class RedisBroker:
         self, link: _Link, subscribe: Iterable[bytes], unsubscribe: Iterable[bytes], raw: bool = False
     ) -> None:
         """Ask for (un)subscriptions on `link` in batches and wait for every confirmation."""
-        if link.broken.done():
+        if link.failed:
             return
         waits: list[asyncio.Future[None]] = []
         for command, channels in ((b"SUBSCRIBE", subscribe), (b"UNSUBSCRIBE", unsubscribe)):
@@ -361,7 +380,7 @@ class RedisBroker:
     async def _watch(self, link: _Link) -> None:
         """Probe idle links and end a link whose probe or publishes go unanswered too long."""
         tick = max(0.01, min(self._probe_interval, self._timeout) / 4)
-        while not link.broken.done():
+        while not link.failed:
             await asyncio.sleep(tick)
             now = time.monotonic()
             for node in link.nodes:

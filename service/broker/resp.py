@@ -80,6 +80,7 @@ class RespConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.closed = False
         self.last_read = time.monotonic()
+        self._gone = self._loop.create_future()  # resolved once the socket is really closed
 
     @classmethod
     async def open(
@@ -122,6 +123,7 @@ class RespConnection(asyncio.Protocol):
         except BaseException:
             if conn is not None:
                 conn.close()
+                await conn.wait_closed()
             raise
 
     # --- commands -------------------------------------------------------------------------------
@@ -156,6 +158,10 @@ class RespConnection(asyncio.Protocol):
         if self._transport is not None and not self.closed:
             self._transport.abort()  # no lingering on a peer that stopped reading
         self._fail(ConnectionLost("connection closed"))
+
+    async def wait_closed(self) -> None:
+        """After `close()`: until the transport has released its socket."""
+        await asyncio.shield(self._gone)
 
     def _flush(self) -> None:
         out, self._out = self._out, []
@@ -205,6 +211,8 @@ class RespConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         was_closed = self.closed
+        if not self._gone.done():
+            self._gone.set_result(None)
         self._fail(ConnectionLost(str(exc) if exc else "connection closed by Redis"))
         if self._on_lost is not None and not was_closed:
             self._on_lost(exc)

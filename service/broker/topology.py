@@ -159,6 +159,7 @@ class SentinelTopology(SingleTopology):
             finally:
                 if conn is not None:
                     conn.close()
+                    await conn.wait_closed()
             if reply:
                 self._sentinels.remove(sentinel)  # ask the one that answered first next time
                 self._sentinels.insert(0, sentinel)

@@ -1,0 +1,146 @@
+"""One contract for every broker: memory, one Redis, Sentinel, Cluster (sharded pub/sub).
+
+Two brokers play two pods. Redis flavours share session servers and keep apart by prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import pytest
+
+from service.broker import Envelope
+from service.broker.memory import MemoryBroker, MemoryBus
+from tests.brokers import Collector, redis_broker
+from tests.redis_servers import RedisCluster, RedisServer, SentinelSet
+
+FLAVOURS = [
+    "memory",
+    pytest.param("redis", marks=[pytest.mark.integration, pytest.mark.xdist_group("redis-single")]),
+    pytest.param("sentinel", marks=[pytest.mark.integration, pytest.mark.xdist_group("redis-sentinel")]),
+    pytest.param("cluster", marks=[pytest.mark.integration, pytest.mark.xdist_group("redis-cluster")]),
+]
+
+
+@dataclass
+class Pods:
+    a: Collector
+    b: Collector
+    leftover: Callable[[], set[str]]  # relay channels still subscribed on the bus (probes aside)
+
+
+@pytest.fixture(params=FLAVOURS)
+async def pods(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterator[Pods]:
+    flavour: str = request.param
+    if flavour == "memory":
+        bus = MemoryBus()
+        found = Pods(Collector(MemoryBroker(bus)), Collector(MemoryBroker(bus)), lambda: set(bus.subscribers))
+    else:
+        fixture = {"redis": "redis_server", "sentinel": "sentinel_set", "cluster": "redis_cluster"}[flavour]
+        servers = request.getfixturevalue(fixture)
+        url = servers.url
+        found = Pods(
+            Collector(redis_broker(url, redis_prefix, "a")),
+            Collector(redis_broker(url, redis_prefix, "b")),
+            lambda: _leftover(servers, redis_prefix),
+        )
+    yield found
+    await found.a.stop()
+    await found.b.stop()
+
+
+def _leftover(servers: RedisServer | SentinelSet | RedisCluster, prefix: str) -> set[str]:
+    if isinstance(servers, RedisCluster):
+        names = set()
+        for node in servers.primaries():
+            names |= set(node.call("PUBSUB", "SHARDCHANNELS", prefix + ":*"))
+    else:
+        server = servers if isinstance(servers, RedisServer) else _master(servers)
+        names = set(server.call("PUBSUB", "CHANNELS", prefix + ":*"))
+    return {n.removeprefix(prefix + ":") for n in names if ":probe:" not in n}
+
+
+def _master(sentinels: SentinelSet) -> RedisServer:
+    port = sentinels.master_port()
+    return next(s for s in (sentinels.primary, sentinels.replica) if s.port == port)
+
+
+def env(channel: str, frame: str, target: str = "") -> Envelope:
+    return Envelope(channel, frame, time.time(), target)
+
+
+async def test_a_publish_reaches_every_subscribed_pod_intact(pods: Pods) -> None:
+    """Frame text, origin stamp and target travel unchanged, to the publishing pod too."""
+    await pods.a.broker.subscribe("g:chat")
+    await pods.b.broker.subscribe("g:chat")
+    sent = env("g:chat", '{"message": {"text": "héllo\\nwörld ✓", "n": 1}}', target="")
+    assert await pods.a.broker.publish(sent) == 2
+    for pod in (pods.a, pods.b):
+        assert (await pod.wait_for(1)) == [sent]
+
+
+async def test_a_direct_send_carries_its_target(pods: Pods) -> None:
+    """A direct send names its connection; only the pod channel's owner gets it."""
+    await pods.b.broker.subscribe("p:b")
+    sent = env("p:b", '{"message": "hi"}', target="b.xyz")
+    assert await pods.a.broker.publish(sent) == 1
+    assert (await pods.b.wait_for(1))[0].target == "b.xyz"
+    await pods.a.quiet(0.1)
+
+
+async def test_publish_to_a_channel_nobody_wants_reaches_nobody(pods: Pods) -> None:
+    """The reply counts pods reached: zero is not an error."""
+    assert await pods.a.broker.publish(env("g:empty", "{}")) == 0
+
+
+async def test_unsubscribe_stops_delivery_and_leaves_nothing_behind(pods: Pods) -> None:
+    """After the last unsubscribe no subscription remains on the bus."""
+    await pods.a.broker.subscribe("g:x", "g:y")
+    await pods.b.broker.subscribe("g:x")
+    assert pods.leftover() == {"g:x", "g:y"}
+    await pods.a.broker.unsubscribe("g:x", "g:y")
+    await pods.b.broker.unsubscribe("g:x")
+    assert await pods.a.broker.publish(env("g:x", "{}")) == 0
+    await pods.a.quiet(0.1)
+    await pods.b.quiet(0.0)
+    assert pods.leftover() == set()
+
+
+async def test_concurrent_publishers_keep_their_own_order_without_duplicates(pods: Pods) -> None:
+    """Three publishers interleave 300 publishes each; each one's sequence arrives in order, once."""
+    await pods.b.broker.subscribe("g:order", "g:other")
+
+    async def publisher(name: str, channel: str) -> None:
+        for n in range(300):
+            await pods.a.broker.publish(env(channel, f"{name} {n}"))
+
+    async def burst(name: str) -> None:  # pipelined: all in flight at once
+        await asyncio.gather(*(pods.a.broker.publish(env("g:order", f"{name} {n}")) for n in range(300)))
+
+    await asyncio.gather(publisher("p1", "g:order"), publisher("p2", "g:other"), burst("p3"))
+    got = await pods.b.wait_for(900)
+    assert len(got) == 900
+    for name in ("p1", "p2", "p3"):
+        numbers = [int(e.frame.split()[1]) for e in got if e.frame.startswith(name + " ")]
+        assert numbers == list(range(300)), name
+
+
+async def test_many_channels_subscribe_in_one_call(pods: Pods) -> None:
+    """Subscribing 200 channels at once is confirmed before it returns: a publish right after lands."""
+    channels = [f"g:many{n}" for n in range(200)]
+    await pods.b.broker.subscribe(*channels)
+    for channel in channels:
+        assert await pods.a.broker.publish(env(channel, channel)) == 1
+    got = await pods.b.wait_for(200)
+    assert sorted(e.frame for e in got) == sorted(channels)
+
+
+async def test_the_link_is_ready_and_close_ends_messages(pods: Pods) -> None:
+    """`ready` holds while the link works; `close()` ends the stream."""
+    await pods.a.broker.subscribe("g:r")
+    assert pods.a.broker.ready
+    await pods.a.stop()
+    assert not pods.a.broker.ready
