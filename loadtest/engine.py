@@ -327,7 +327,7 @@ class Fleet:
             await asyncio.sleep(interval)
             self.lag.record(max(0.0, clock() - due))
 
-    async def _publish(self, index: int, pub: WsClient, rate: float, seconds: float, late: list[int]) -> None:
+    async def _publish(self, index: int, pub: WsClient, total: int, seconds: float, late: list[int]) -> None:
         """Open loop: message k leaves at start + k / rate whatever the server does; a tick sends
         everything that is due, so high rates cost one write per tick, not one timer per message."""
         pid = f"{self.tag}{index}"
@@ -335,7 +335,7 @@ class Fleet:
         clock = time.perf_counter
         start = clock()
         sent = 0
-        total = int(rate * seconds)
+        rate = total / seconds
         ledger = self.ledger
         while sent < total:
             now = clock()
@@ -380,10 +380,10 @@ class Fleet:
         ticker = asyncio.create_task(self._ticker(stop))
         late = [0, 0]
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        per = rate / max(1, len(self.publishers))
-        await asyncio.gather(
-            *(self._publish(i, p, per, seconds, late) for i, p in enumerate(self.publishers))
-        )
+        total, n = round(rate * seconds), max(1, len(self.publishers))
+        counts = [total // n + (i < total % n) for i in range(n)]
+        pairs = zip(self.publishers, counts, strict=False)
+        await asyncio.gather(*(self._publish(i, p, c, seconds, late) for i, (p, c) in enumerate(pairs) if c))
         await asyncio.sleep(drain)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         stop.set()

@@ -1,0 +1,309 @@
+"""`make bench`: relay (one pod, two pods) and the reference Django Channels app, side by side.
+
+One run starts redis-server, the pods and the reference app on loopback, drives the same loads
+against each with `loadtest.engine`, and writes docs/benchmarks.md, docs/benchmarks.json and
+docs/plots/*.png. Shapes:
+
+- 1,000 subscribers in 100 groups, and 1,000 subscribers in one group: publish rate ramped up
+  until p99 passes 100 ms, anything is lost, or the generator saturates; the last good step is the
+  maximum sustainable rate, and the first bad one says who was the limit (server, Redis, or the
+  load generator) from the CPU each process used during that step.
+- 5,000 idle connections: connections per second, server memory per connection (RSS growth over
+  the connections), and the time for one broadcast to reach the last of 5,000 members (median of
+  repeated broadcasts).
+
+    .venv-load/bin/python -m loadtest.bench [--quick] [--out docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from loadtest.engine import Fleet, Shape, raise_fd_limit
+from loadtest.servers import ROOT, Server, Servers, cpu_seconds, rss_bytes
+from loadtest.stats import Slo
+
+P99_MS = 100.0
+SATURATED = 0.9  # a single-threaded server at this share of one core is the limit
+
+
+@dataclass
+class Target:
+    name: str
+    servers: list[Server]  # the processes charged as "server" (pods, or daphne)
+    kind: str  # relay | django
+    note: str = ""
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+
+@dataclass
+class Ramp:
+    shape: str
+    target: str
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    max_rate: float = 0.0
+    limit: str = ""
+
+
+RATES = {
+    ("groups", "relay"): [250, 500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6500, 8000, 10000],
+    ("groups", "django"): [25, 50, 75, 100, 150, 200, 250, 300, 400, 600],
+    ("one", "relay"): [5, 10, 20, 35, 50, 70, 100, 140, 200],
+    ("one", "django"): [0.5, 1, 2, 5, 10],
+}
+
+
+def _run(coro: Any) -> Any:
+    """The engine on uvloop when present, as in production clients' best case."""
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def machine_busy() -> float:
+    """Busy CPU seconds of the whole machine so far (every process, other users' included)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(pids: Sequence[int]) -> dict[int, float]:
+    return {pid: cpu_seconds(pid) for pid in pids}
+
+
+def _limit(step: dict[str, Any], target: Target) -> str:
+    """Who was the bottleneck in a step that failed."""
+    gen = step["summary"]["generator"]
+    if gen["saturated"]:
+        return "load generator: " + "; ".join(gen["saturated"])
+    shares = step["server_cpu_share"]
+    busiest = max(shares, key=lambda k: shares[k])
+    if shares[busiest] >= SATURATED:
+        return f"server: {busiest} at {shares[busiest]:.0%} of a core"
+    if step["redis_cpu_share"] >= SATURATED:
+        return f"Redis at {step['redis_cpu_share']:.0%} of a core"
+    total = step["machine_cpu_share"]
+    if total >= 1.8:
+        ours = sum(shares.values()) + step["redis_cpu_share"] + gen["cpu_share_per_process"][0]
+        return f"the machine: {total:.0%} of 2 cores busy ({ours:.0%} of it this benchmark's)"
+    why = "loss" if step["summary"]["accounting"]["lost"] else "latency"
+    return f"server ({why} with {shares[busiest]:.0%} of a core busy: queueing, not CPU)"
+
+
+async def ramp(
+    target: Target, shape: Shape, key: str, redis: Server, seconds: float, rates: list[float]
+) -> Ramp:
+    result = Ramp(shape.name, target.name)
+    fleet = Fleet(target.urls, shape, publishers=4)
+    try:
+        await fleet.connect()
+        if fleet.connections["errors"]:
+            result.limit = f"connect errors: {dict(fleet.connections['error_kinds'])}"
+            return result
+        for i, rate in enumerate(rates):
+            pids = [s.pid for s in target.servers]
+            before, redis0, busy0, t0 = (
+                _cpu(pids),
+                cpu_seconds(redis.pid),
+                machine_busy(),
+                time.perf_counter(),
+            )
+            summary = await fleet.step(rate, seconds, slo=Slo(p99_ms=P99_MS, max_loss_ratio=0), index=i)
+            wall = time.perf_counter() - t0
+            after, redis1, busy1 = _cpu(pids), cpu_seconds(redis.pid), machine_busy()
+            used = {s.name: after[s.pid] - before[s.pid] for s in target.servers}
+            deliveries = max(1, summary["deliveries"])
+            step = {
+                "rate": rate,
+                "summary": summary,
+                "server_cpu_share": {k: v / wall for k, v in used.items()},
+                "redis_cpu_share": (redis1 - redis0) / wall,
+                "machine_cpu_share": (busy1 - busy0) / wall,
+                "server_cpu_us_per_delivery": sum(used.values()) / deliveries * 1e6,
+            }
+            result.steps.append(step)
+            lat, acc = summary["latency"], summary["accounting"]
+            ok = summary["ok"]
+            shares = (
+                f"server {sum(step['server_cpu_share'].values()):4.0%} redis {step['redis_cpu_share']:4.0%} "
+                f"gen {summary['generator']['cpu_share_per_process'][0]:4.0%} "
+                f"machine {step['machine_cpu_share']:4.0%}"
+            )
+            print(
+                f"  {target.name:>15} {key:>6} {rate:>7g} msg/s: p50 {lat['p50_ms']:7.2f} "
+                f"p99 {lat['p99_ms']:8.2f} ms lost {acc['lost']:>6} cpu: {shares} {'ok' if ok else 'FAIL'}",
+                flush=True,
+            )
+            if not ok:
+                result.limit = _limit(step, target)
+                break
+            result.max_rate = rate
+        else:
+            result.limit = "not reached: the ramp's top rate was sustained"
+    finally:
+        await fleet.close()
+        await asyncio.sleep(1.0)
+    return result
+
+
+async def idle(target: Target, n: int, broadcasts: int) -> dict[str, Any]:
+    """n idle members of one group: connect rate, RSS per connection, broadcast to the last one."""
+    pids = [s.pid for s in target.servers]
+    rss0 = sum(rss_bytes(p) for p in pids)
+    fleet = Fleet(target.urls, Shape(f"{n} idle in one group", [n]), publishers=1, connect_concurrency=100)
+    try:
+        rate = await fleet.connect()
+        await asyncio.sleep(3.0)  # let the server settle: handshakes done, buffers released
+        rss1 = sum(rss_bytes(p) for p in pids)
+        times = []
+        for _ in range(broadcasts):
+            times.append(await fleet.broadcast(0))
+            await asyncio.sleep(0.5)
+    finally:
+        await fleet.close()
+        await asyncio.sleep(1.0)
+    done = [t for t in times if t["received"] == t["members"]]
+    return {
+        "connections": len(fleet.subscribers),
+        "connect_errors": fleet.connections["errors"],
+        "connect_per_s": rate,
+        "rss_before_mib": rss0 / 2**20,
+        "rss_after_mib": rss1 / 2**20,
+        "kib_per_connection": (rss1 - rss0) / max(1, len(fleet.subscribers)) / 1024,
+        "broadcasts": times,
+        "last_member_s_median": statistics.median(t["last_s"] for t in done) if done else None,
+        "median_member_s_median": statistics.median(t["median_s"] for t in done) if done else None,
+        "complete_broadcasts": len(done),
+    }
+
+
+def _probe_uvloop(servers: Servers, redis: Server) -> str:
+    """relay's Redis broker under uvloop: does a message make the round trip? An empty string
+    when it does; otherwise why the benchmark runs the pods on asyncio's default loop."""
+    pod = servers.relay(redis.url, name="relay-probe")
+    try:
+
+        async def check() -> int:
+            fleet = Fleet([pod.url], Shape("probe", [2]), publishers=1)
+            try:
+                await fleet.connect()
+                summary = await fleet.step(20, 1.0, drain=1.0)
+                return int(summary["deliveries"])
+            finally:
+                await fleet.close()
+
+        delivered = _run(check())
+    finally:
+        servers.stop(pod)
+    if delivered:
+        return ""
+    with open(pod.log, errors="replace") as f:
+        tail = f.read()[-600:]
+    return (
+        "relay pods on uvloop delivered nothing through Redis in the probe (the pod log ends: "
+        f"`{tail.strip()[-300:]}`), so these numbers are for relay on asyncio's default event loop"
+    )
+
+
+def machine() -> dict[str, str]:
+    def run(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return "?"
+
+    model = next((ln.split(":", 1)[1].strip() for ln in run("lscpu").splitlines() if "Model name" in ln), "?")
+    with open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) // 1024**2
+    return {
+        "cpu": model,
+        "cores": str(os.cpu_count()),
+        "memory": f"{mem} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "redis": run("redis-server", "--version").split(" sha=")[0],
+        "relay commit": run("git", "-C", ROOT, "rev-parse", "--short", "HEAD"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shapes and short steps (a dry run)")
+    p.add_argument("--step-seconds", type=float, default=5.0)
+    p.add_argument("--idle", type=int, default=5000, help="idle connections in the memory shape")
+    p.add_argument("--broadcasts", type=int, default=5)
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    p.add_argument("--only", default="", help="comma-separated target names to run (default: all)")
+    args = p.parse_args(argv)
+    raise_fd_limit()
+    subs, idle_n, seconds = (200, 500, 2.0) if args.quick else (1000, args.idle, args.step_seconds)
+    started = time.perf_counter()
+    results: dict[str, Any] = {"machine": machine(), "ramps": [], "idle": {}, "notes": []}
+    with Servers() as servers:
+        redis = servers.redis()
+        note = _probe_uvloop(servers, redis)
+        if note:
+            results["notes"].append(note)
+            print("NOTE:", note, flush=True)
+        use_uvloop = not note
+        targets = [
+            Target("relay 1 pod", [servers.relay(redis.url, "relay-a", uvloop=use_uvloop)], "relay"),
+            Target(
+                "relay 2 pods",
+                [servers.relay(redis.url, f"relay-{c}", uvloop=use_uvloop) for c in "bc"],
+                "relay",
+            ),
+            Target("Django Channels", [servers.django(redis.url.rsplit("/", 1)[0] + "/1")], "django"),
+        ]
+        if args.only:
+            keep = {t.strip() for t in args.only.split(",")}
+            targets = [t for t in targets if t.name in keep]
+        shapes = [
+            ("groups", Shape.uniform(subs, 100 if not args.quick else 20)),
+            ("one", Shape.uniform(subs, 1)),
+        ]
+        for key, shape in shapes:
+            print(f"shape: {shape.name}", flush=True)
+            for target in targets:
+                rates = RATES[(key, target.kind)]
+                r = _run(ramp(target, shape, key, redis, seconds, [float(x) for x in rates]))
+                results["ramps"].append(r.__dict__)
+        print(f"shape: {idle_n} idle connections in one group", flush=True)
+        for target in targets:
+            res = _run(idle(target, idle_n, args.broadcasts))
+            results["idle"][target.name] = res
+            print(
+                f"  {target.name:>15}: {res['connect_per_s']:.0f} conn/s, "
+                f"{res['kib_per_connection']:.1f} KiB/conn, broadcast to the last of {res['connections']}: "
+                f"{res['last_member_s_median']} s",
+                flush=True,
+            )
+        results["server_logs"] = servers.logdir
+    results["seconds"] = time.perf_counter() - started
+    from loadtest.report import write_report
+
+    write_report(results, args.out, argv=sys.argv[1:])
+    print(f"wrote {args.out} in {results['seconds']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
