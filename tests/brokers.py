@@ -10,7 +10,7 @@ from service.broker import Broker, Envelope, open_broker
 from service.config import Settings
 
 # Short timings so failures are noticed and recovered from within a second or two.
-FAST_REDIS = {"redis_probe_interval": 0.2, "redis_timeout": 0.5, "redis_backoff_max": 0.3}
+FAST_REDIS: dict[str, Any] = {"redis_probe_interval": 0.2, "redis_timeout": 0.5, "redis_backoff_max": 0.3}
 
 
 def redis_broker(url: str, prefix: str, pod_id: str = "a", **overrides: Any) -> Broker:

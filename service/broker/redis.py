@@ -385,12 +385,11 @@ class RedisBroker:
             now = time.monotonic()
             for node in link.nodes:
                 oldest = node.pub.oldest_pending()
-                if oldest is not None and now - oldest > self._timeout:
+                if node.probe is not None and now - node.probe[1] > self._timeout:
+                    link.fail("probe_timeout")
+                elif oldest is not None and now - oldest > self._timeout:
                     link.fail("publish_timeout")
-                elif node.probe is not None:
-                    if now - node.probe[1] > self._timeout:
-                        link.fail("probe_timeout")
-                elif now - node.sub.last_read >= self._probe_interval:
+                elif node.probe is None and now - node.sub.last_read >= self._probe_interval:
                     self._send_probe(link, node)
 
     def _on_lost(self, link: _Link) -> Any:

@@ -1,0 +1,161 @@
+"""Redis goes away and comes back: the broker notices, counts what it lost, and delivers again.
+
+Each test owns its redis-server (killed, restarted, paused) and uses short probe and backoff
+timings (tests/brokers.py FAST_REDIS), so every recovery must happen within a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from structlog.testing import capture_logs
+
+from service.broker import BrokerUnavailable, Envelope
+from tests.brokers import Collector, eventually, redis_broker
+from tests.helpers import metric
+from tests.redis_servers import RedisServer
+
+pytestmark = pytest.mark.integration
+
+RECOVERY = 5.0  # seconds a recovery may take with the test timings
+
+
+@pytest.fixture
+async def pair(dedicated_redis: RedisServer, redis_prefix: str) -> AsyncIterator[tuple[Collector, Collector]]:
+    a = Collector(redis_broker(dedicated_redis.url, redis_prefix, "a"))
+    b = Collector(redis_broker(dedicated_redis.url, redis_prefix, "b"))
+    await a.broker.subscribe("g:room")
+    await b.broker.subscribe("g:room")
+    yield a, b
+    await a.stop()
+    await b.stop()
+
+
+def env(frame: str) -> Envelope:
+    return Envelope("g:room", frame, time.time())
+
+
+async def delivered_again(a: Collector, b: Collector, timeout: float = RECOVERY) -> float:
+    """Publish from `a` until `b` receives one; the seconds it took. Refused publishes are fine."""
+    started = time.monotonic()
+    n = 0
+    while time.monotonic() - started < timeout:
+        n += 1
+        frame = f"after {n}"
+        try:
+            await a.broker.publish(env(frame))
+        except BrokerUnavailable:
+            await asyncio.sleep(0.02)
+            continue
+        try:
+            await asyncio.wait_for(_arrival(b, frame), 0.5)
+        except TimeoutError:
+            continue
+        return time.monotonic() - started
+    raise AssertionError(f"no delivery within {timeout} s")
+
+
+async def _arrival(collector: Collector, frame: str) -> None:
+    seen = 0
+    while True:
+        envelopes = await collector.wait_for(seen + 1, 1.0)
+        if any(e.frame == frame for e in envelopes[seen:]):
+            return
+        seen = len(envelopes)
+
+
+async def test_redis_killed_and_restarted_delivery_resumes_and_the_loss_is_counted(
+    dedicated_redis: RedisServer, pair: tuple[Collector, Collector]
+) -> None:
+    """Publishes while Redis is dead are refused and counted; after a restart both pods re-subscribe."""
+    a, b = pair
+    lost_before = metric("relay_broker_lost_total", reason="link_down")
+    dedicated_redis.kill()
+    await eventually(lambda: not a.broker.ready and not b.broker.ready, RECOVERY)
+    with pytest.raises(BrokerUnavailable):
+        await a.broker.publish(env("into the void"))
+    assert metric("relay_broker_lost_total", reason="link_down") == lost_before + 1
+    dedicated_redis.start()
+    took = await delivered_again(a, b)
+    assert a.broker.ready and b.broker.ready
+    assert took < RECOVERY
+    await a.wait_for(1)  # the publisher's own pod hears it too (one delivery path)
+
+
+async def test_a_paused_redis_is_detected_by_the_probe(
+    dedicated_redis: RedisServer, pair: tuple[Collector, Collector]
+) -> None:
+    """SIGSTOP leaves the sockets open and silent: only the probe can tell. Recovery follows SIGCONT."""
+    a, b = pair
+    failures = metric("relay_redis_link_failures_total", reason="probe_timeout")
+    dedicated_redis.pause()
+    try:
+        detected = await eventually(lambda: not b.broker.ready, RECOVERY)
+        assert detected < 0.2 + 0.5 + 0.5  # probe interval + timeout + a watch tick or two
+        assert metric("relay_redis_link_failures_total", reason="probe_timeout") > failures
+        with pytest.raises(BrokerUnavailable):
+            await a.broker.publish(env("while paused"))
+    finally:
+        dedicated_redis.cont()
+    await delivered_again(a, b)
+
+
+async def test_client_kill_of_the_pubsub_connections_resubscribes(
+    dedicated_redis: RedisServer, pair: tuple[Collector, Collector], redis_prefix: str
+) -> None:
+    """CLIENT KILL TYPE pubsub drops every subscriber; both pods reconnect and subscribe again."""
+    a, b = pair
+    reconnects = metric("relay_redis_reconnects_total")
+    with capture_logs() as logs:
+        dedicated_redis.call("CLIENT", "KILL", "TYPE", "pubsub")
+        took = await delivered_again(a, b)
+    assert took < 1.0
+    assert metric("relay_redis_reconnects_total") >= reconnects + 2
+    events = [e["event"] for e in logs]
+    assert events.count("broker.link_lost") == 2  # once per pod per outage, never per message
+    assert events.count("broker.reconnected") == 2
+    channels = set(dedicated_redis.call("PUBSUB", "CHANNELS", "*"))
+    assert {c for c in channels if ":g:" in c} == {redis_prefix + ":g:room"}
+    assert dedicated_redis.call("PUBSUB", "NUMSUB", redis_prefix + ":g:room")[1] == 2
+
+
+async def test_one_log_line_per_outage_says_how_many_publishes_were_refused(
+    dedicated_redis: RedisServer, pair: tuple[Collector, Collector]
+) -> None:
+    """The reconnect line carries the outage's length and its refused publishes."""
+    a, b = pair
+    with capture_logs() as logs:
+        dedicated_redis.kill()
+        await eventually(lambda: not a.broker.ready, RECOVERY)
+        for n in range(5):
+            with pytest.raises(BrokerUnavailable):
+                await a.broker.publish(env(f"lost {n}"))
+        dedicated_redis.start()
+        await delivered_again(a, b)
+    reconnected = [e for e in logs if e["event"] == "broker.reconnected" and e["publishes_refused"] >= 5]
+    assert len(reconnected) == 1
+    assert reconnected[0]["outage_seconds"] > 0
+    assert [e["event"] for e in logs].count("broker.connect_failed") <= 2  # once per pod, not per retry
+
+
+async def test_a_broker_started_while_redis_is_down_connects_when_it_appears(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """Liveness never waits for Redis: subscribe returns, the link comes up when Redis does."""
+    dedicated_redis.kill()
+    b = Collector(redis_broker(dedicated_redis.url, redis_prefix, "b"))
+    a = Collector(redis_broker(dedicated_redis.url, redis_prefix, "a"))
+    try:
+        started = time.monotonic()
+        await b.broker.subscribe("g:room")
+        assert time.monotonic() - started < 1.0  # bounded by redis_timeout
+        assert not b.broker.ready
+        dedicated_redis.start()
+        await eventually(lambda: b.broker.ready, RECOVERY)
+        await delivered_again(a, b)
+    finally:
+        await a.stop()
+        await b.stop()
