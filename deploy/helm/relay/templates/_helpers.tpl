@@ -153,3 +153,143 @@ app.kubernetes.io/component: redis
 {{- .Values.terminationGracePeriodSeconds }}
 {{- end }}
 {{- end }}
+
+{{/* A relay value as the text of an environment variable; whole numbers print without an exponent (1e+06). */}}
+{{- define "relay.envText" -}}
+{{- if and (kindIs "float64" .) (eq . (float64 (int64 .))) }}
+{{- int64 . }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{/* The inline JWKS as JSON text (relay.auth.jwks may be JSON text or a YAML object). */}}
+{{- define "relay.auth.jwksText" -}}
+{{- $jwks := .Values.relay.auth.jwks }}
+{{- if kindIs "map" $jwks }}
+{{- toPrettyJson $jwks }}
+{{- else }}
+{{- $jwks }}
+{{- end }}
+{{- end }}
+
+{{/* Where the key files come from: "inline" (the chart's <fullname>-auth ConfigMap), "configMap", "secret", or "". */}}
+{{- define "relay.auth.keySource" -}}
+{{- $a := .Values.relay.auth }}
+{{- if or $a.jwks $a.publicKey }}inline
+{{- else if $a.keysFrom.configMap }}configMap
+{{- else if $a.keysFrom.secret }}secret
+{{- end }}
+{{- end }}
+
+{{/* "true" when a JWKS (inline or from keysFrom) is mounted at /etc/relay/auth/jwks.json. */}}
+{{- define "relay.auth.hasJwks" -}}
+{{- $a := .Values.relay.auth }}
+{{- if and $a.enabled (or $a.jwks (and (or $a.keysFrom.configMap $a.keysFrom.secret) $a.keysFrom.jwksKey)) }}true{{ end }}
+{{- end }}
+
+{{/* "true" when a PEM public key is mounted at /etc/relay/auth/public-key.pem. */}}
+{{- define "relay.auth.hasPublicKey" -}}
+{{- $a := .Values.relay.auth }}
+{{- if and $a.enabled (or $a.publicKey (and (or $a.keysFrom.configMap $a.keysFrom.secret) $a.keysFrom.publicKeyKey)) }}true{{ end }}
+{{- end }}
+
+{{/* The Secret holding RELAY_API_KEYS: the user's existingSecret, or the chart's <fullname>-api. */}}
+{{- define "relay.api.secretName" -}}
+{{- if .Values.relay.api.enabled }}
+{{- default (printf "%s-api" (include "relay.fullname" .)) .Values.relay.api.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "relay.api.secretKey" -}}
+{{- ternary .Values.relay.api.existingSecretKey "api-keys" (not (empty .Values.relay.api.existingSecret)) }}
+{{- end }}
+
+{{/* Whether the chart itself must create the API key Secret. */}}
+{{- define "relay.api.createSecret" -}}
+{{- if and .Values.relay.api.enabled (not .Values.relay.api.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{/* Fails the render on security settings that contradict each other or would leak a secret. */}}
+{{- define "relay.validateSecurity" -}}
+{{- $a := .Values.relay.auth }}
+{{- $from := $a.keysFrom }}
+{{- $api := .Values.relay.api }}
+{{- $keySources := compact (list $a.jwks $a.publicKey $from.configMap $from.secret $a.existingSecret) }}
+{{- if and $a.enabled (empty $keySources) }}
+{{- fail "relay: relay.auth.enabled needs a key to verify tokens with: relay.auth.jwks, relay.auth.publicKey, relay.auth.keysFrom (a ConfigMap or Secret you manage) or relay.auth.existingSecret (HS256 shared secret)" }}
+{{- end }}
+{{- if and (not $a.enabled) (not (empty $keySources)) }}
+{{- fail "relay: relay.auth has key material (jwks, publicKey, keysFrom or existingSecret) but relay.auth.enabled is false; set enabled: true to require tokens, or remove the keys" }}
+{{- end }}
+{{- if and $a.jwks $a.publicKey }}
+{{- fail "relay: set relay.auth.jwks or relay.auth.publicKey, not both (relay verifies with the JWKS and would ignore the PEM key)" }}
+{{- end }}
+{{- if and (or $a.jwks $a.publicKey) (or $from.configMap $from.secret) }}
+{{- fail "relay: set the token keys inline (relay.auth.jwks / publicKey) or through relay.auth.keysFrom, not both" }}
+{{- end }}
+{{- if and $from.configMap $from.secret }}
+{{- fail "relay: set relay.auth.keysFrom.configMap or relay.auth.keysFrom.secret, not both" }}
+{{- end }}
+{{- if and (or $from.configMap $from.secret) (not (or $from.jwksKey $from.publicKeyKey)) }}
+{{- fail "relay: relay.auth.keysFrom needs jwksKey or publicKeyKey: the key in the ConfigMap or Secret that holds the JWKS or PEM public key" }}
+{{- end }}
+{{- if and $from.jwksKey $from.publicKeyKey }}
+{{- fail "relay: set relay.auth.keysFrom.jwksKey or publicKeyKey, not both (relay verifies with the JWKS and would ignore the PEM key)" }}
+{{- end }}
+{{- if and (or $from.jwksKey $from.publicKeyKey) (not (or $from.configMap $from.secret)) }}
+{{- fail "relay: relay.auth.keysFrom.jwksKey / publicKeyKey name a key of relay.auth.keysFrom.configMap or keysFrom.secret, and neither is set" }}
+{{- end }}
+{{- if $a.jwks }}
+{{- $parsed := include "relay.auth.jwksText" . | fromJson }}
+{{- if or (hasKey $parsed "Error") (not (kindIs "slice" (get $parsed "keys"))) }}
+{{- fail "relay: relay.auth.jwks is not a JWKS: it must be a JSON object with a \"keys\" list" }}
+{{- end }}
+{{- end }}
+{{- if $a.enabled }}
+{{- $hmac := false }}
+{{- $asym := false }}
+{{- range $a.algorithms }}
+{{- if hasPrefix "HS" . }}{{ $hmac = true }}{{ else }}{{ $asym = true }}{{ end }}
+{{- end }}
+{{- $hasFile := or $a.jwks $a.publicKey $from.jwksKey $from.publicKeyKey }}
+{{- if and $hmac (not $a.existingSecret) }}
+{{- fail "relay: relay.auth.algorithms lists an HS algorithm, which needs the shared secret from relay.auth.existingSecret" }}
+{{- end }}
+{{- if and $asym (not $hasFile) }}
+{{- fail "relay: relay.auth.algorithms lists a public-key algorithm (RS/ES/PS/EdDSA), which needs relay.auth.jwks, publicKey or keysFrom" }}
+{{- end }}
+{{- if and (not $a.algorithms) $a.existingSecret $hasFile }}
+{{- fail "relay: relay.auth has both an HS256 secret (existingSecret) and a JWKS or public key; list relay.auth.algorithms (e.g. [HS256, RS256]), since relay's default with a secret is HS256 alone" }}
+{{- end }}
+{{- if and $a.algorithms (not $hmac) $a.existingSecret }}
+{{- fail "relay: relay.auth.existingSecret holds an HS256 secret, but relay.auth.algorithms lists no HS algorithm: tokens signed with it would all be refused" }}
+{{- end }}
+{{- if and $a.algorithms (not $asym) $hasFile }}
+{{- fail "relay: relay.auth has a JWKS or public key, but relay.auth.algorithms lists only HS algorithms: tokens signed with those keys would all be refused" }}
+{{- end }}
+{{- end }}
+{{- if and $api.enabled (not (or $api.existingSecret $api.keys)) }}
+{{- fail "relay: relay.api.enabled needs API keys: relay.api.existingSecret (preferred) or relay.api.keys" }}
+{{- end }}
+{{- if and $api.existingSecret $api.keys }}
+{{- fail "relay: set relay.api.existingSecret or relay.api.keys, not both" }}
+{{- end }}
+{{- if and (not $api.enabled) (or $api.existingSecret $api.keys) }}
+{{- fail "relay: relay.api has keys (existingSecret or keys) but relay.api.enabled is false; set enabled: true to serve POST /api/publish, or remove the keys" }}
+{{- end }}
+{{- if and $api.enabled .Values.networkPolicy.enabled (empty .Values.networkPolicy.apiFrom) }}
+{{- fail "relay: relay.api.enabled with networkPolicy.enabled needs networkPolicy.apiFrom (your backends' namespace or pods): otherwise no backend can reach POST /api/publish on the internal port" }}
+{{- end }}
+{{- range .Values.extraEnv }}
+{{- if has .name (list "RELAY_JWT_SECRET" "RELAY_JWT_JWKS_FILE" "RELAY_JWT_PUBLIC_KEY_FILE" "RELAY_API_KEYS" "RELAY_ALLOWED_ORIGINS") }}
+{{- fail (printf "relay: extraEnv sets %s; use relay.auth, relay.api or relay.allowedOrigins instead, so that secrets come from a Secret, key files are mounted and the NetworkPolicy follows relay.api.enabled" .name) }}
+{{- end }}
+{{- if and (eq .name "RELAY_REDIS_PASSWORD") (hasKey . "value") }}
+{{- fail "relay: extraEnv sets RELAY_REDIS_PASSWORD as a plain value, which lands in the Deployment and the release; use externalRedis.existingSecret" }}
+{{- end }}
+{{- if and (eq .name "RELAY_REDIS_PASSWORD") (include "relay.redisSecretName" $) }}
+{{- fail "relay: extraEnv sets RELAY_REDIS_PASSWORD, which the chart already sets from the Redis settings; remove it from extraEnv" }}
+{{- end }}
+{{- end }}
+{{- end }}
