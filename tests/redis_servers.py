@@ -240,6 +240,14 @@ def start_cluster(directory: Path) -> RedisCluster:
     cluster = RedisCluster(nodes)
     wait_until(cluster.healthy, 30, "the cluster to report cluster_state:ok")
     wait_until(lambda: len(cluster.primaries()) == 3, 30, "three primaries")
+    # A replica that never finished its first sync refuses to fail over: wait for every link.
+    wait_until(
+        lambda: all(
+            n.info("replication").get("master_link_status", "up") == "up" for n in cluster.nodes_alive()
+        ),
+        30,
+        "every replica to sync",
+    )
     return cluster
 
 
