@@ -261,13 +261,34 @@ def _workdir(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"relay-{name}-"))
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
+# Shared servers are cached per process rather than held by session fixtures: pytest finalizes a
+# session fixture early when a parametrized fixture asked for it with getfixturevalue (the broker
+# contract does), which restarted a whole cluster per test. The autouse fixture stops them at the end.
+_shared: dict[str, RedisServer | SentinelSet | RedisCluster] = {}
+
+
+def _servers_of(found: RedisServer | SentinelSet | RedisCluster) -> list[RedisServer]:
+    if isinstance(found, RedisServer):
+        return [found]
+    return found.servers() if isinstance(found, SentinelSet) else found.nodes
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_servers() -> Iterator[None]:
+    yield
+    for found in _shared.values():
+        _stop_all(_servers_of(found))
+    _shared.clear()
+
+
+@pytest.fixture
+def redis_server() -> RedisServer:
     """One redis-server for the whole session: tests keep apart by prefix, never by FLUSHALL."""
-    server = start_redis(_workdir("single"))
-    yield server
-    server.kill()
-    shutil.rmtree(server.directory, ignore_errors=True)
+    if "single" not in _shared:
+        _shared["single"] = start_redis(_workdir("single"))
+    found = _shared["single"]
+    assert isinstance(found, RedisServer)
+    return found
 
 
 @pytest.fixture
@@ -279,11 +300,14 @@ def dedicated_redis() -> Iterator[RedisServer]:
     shutil.rmtree(server.directory, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def sentinel_set() -> Iterator[SentinelSet]:
-    found = start_sentinel_set(_workdir("sentinel"))
-    yield found
-    _stop_all(found.servers())
+@pytest.fixture
+def sentinel_set() -> SentinelSet:
+    """A Sentinel set shared by the tests that do not fail it over."""
+    if "sentinel" not in _shared:
+        _shared["sentinel"] = start_sentinel_set(_workdir("sentinel"))
+    found = _shared["sentinel"]
+    assert isinstance(found, SentinelSet)
+    return found
 
 
 @pytest.fixture
@@ -293,11 +317,14 @@ def dedicated_sentinel_set() -> Iterator[SentinelSet]:
     _stop_all(found.servers())
 
 
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[RedisCluster]:
-    cluster = start_cluster(_workdir("cluster"))
-    yield cluster
-    _stop_all(cluster.nodes)
+@pytest.fixture
+def redis_cluster() -> RedisCluster:
+    """A six-node cluster shared by the tests that do not kill its nodes."""
+    if "cluster" not in _shared:
+        _shared["cluster"] = start_cluster(_workdir("cluster"))
+    found = _shared["cluster"]
+    assert isinstance(found, RedisCluster)
+    return found
 
 
 @pytest.fixture

@@ -32,7 +32,12 @@ class Pods:
     leftover: Callable[[], set[str]]  # relay channels still subscribed on the bus (probes aside)
 
 
-@pytest.fixture(params=FLAVOURS)
+# Parametrized on the tests (indirect) rather than on the fixture: marks of a fixture's params do
+# not reach xdist's loadgroup reliably, and each flavour's tests must share one worker and server.
+pytestmark = pytest.mark.parametrize("pods", FLAVOURS, indirect=True)
+
+
+@pytest.fixture
 async def pods(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterator[Pods]:
     flavour: str = request.param
     if flavour == "memory":
