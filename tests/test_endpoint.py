@@ -201,3 +201,7 @@ async def test_internal_port_serves_health_readiness_and_every_documented_metric
             assert f"\n{name}" in text, name
         # The public port serves no metrics.
         assert (await http.get(f"http://127.0.0.1:{pod.port}/metrics")).status_code == 404
+
+
+async def test_the_tests_run_on_uvloop_like_the_pods_do() -> None:
+    assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
