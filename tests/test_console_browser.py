@@ -2,10 +2,8 @@
 
 The browser is the system Chromium (`make chromium` installs Debian's package); Playwright never
 downloads one. These tests FAIL, not skip, when it is missing: a CI without a browser must not look
-green. Two pods share one broker; the browser talks to them over real WebSockets on loopback.
-
-The pods share an in-process `MemoryBus` (the stand-in for Redis that the core's tests use): switch
-`shared_brokers` to a redis-server fixture once the Redis broker lands.
+green. Two pods meet in a real redis-server (started by the tests); the browser talks to them over
+real WebSockets on loopback.
 """
 
 from __future__ import annotations
@@ -23,9 +21,10 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from service.broker.memory import MemoryBroker, MemoryBus
 from service.server import PodServer
+from tests.brokers import FAST_REDIS
 from tests.helpers import ROOT, running_pod
+from tests.redis_servers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("browser")]
 
@@ -71,10 +70,16 @@ async def browser() -> AsyncIterator[Browser]:
             await chromium.close()
 
 
-async def shared_brokers(stack: AsyncExitStack, *pod_ids: str) -> list[PodServer]:
-    """Pods that meet on one bus, as pods meet in Redis."""
-    bus = MemoryBus()
-    return [await stack.enter_async_context(running_pod(MemoryBroker(bus), pod_id=p)) for p in pod_ids]
+async def redis_pods(
+    stack: AsyncExitStack, redis: RedisServer, prefix: str, *pod_ids: str
+) -> list[PodServer]:
+    """Pods that share nothing but one Redis."""
+    return [
+        await stack.enter_async_context(
+            running_pod(broker_url=redis.url + "/0", redis_prefix=prefix, pod_id=pod_id, **FAST_REDIS)
+        )
+        for pod_id in pod_ids
+    ]
 
 
 class Console:
@@ -130,10 +135,10 @@ _CLOCK = re.compile(r"^\d\d:\d\d:\d\d\.\d{3}$")
 
 
 async def test_two_pods_one_group_both_pages_show_the_frame_and_another_group_shows_nothing(
-    browser: Browser, tmp_path: Path
+    browser: Browser, tmp_path: Path, redis_server: RedisServer, redis_prefix: str
 ) -> None:
     async with AsyncExitStack() as stack:
-        pod_a, pod_b = await shared_brokers(stack, "pod-a", "pod-b")
+        pod_a, pod_b = await redis_pods(stack, redis_server, redis_prefix, "pod-a", "pod-b")
         alice = await Console.open(browser, pod_a, **LAPTOP)
         bob = await Console.open(browser, pod_b, **LAPTOP)
         carol = await Console.open(browser, pod_b, **PHONE)
