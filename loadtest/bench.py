@@ -59,7 +59,7 @@ class Ramp:
 
 
 RATES = {
-    ("groups", "relay"): [250, 500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6500, 8000, 10000],
+    ("groups", "relay"): [250, 500, 1000, 2000, 3000, 4000, 5000, 6500, 8000, 10000, 12500, 15000],
     ("groups", "django"): [25, 50, 75, 100, 150, 200, 250, 300, 400, 600],
     ("one", "relay"): [5, 10, 20, 35, 50, 70, 100, 140, 200],
     ("one", "django"): [0.5, 1, 2, 5, 10],
@@ -107,6 +107,45 @@ def _limit(step: dict[str, Any], target: Target) -> str:
     return f"server ({why} with {shares[busiest]:.0%} of a core busy: queueing, not CPU)"
 
 
+CONFIRM_TRIES = 3
+
+
+async def _step(
+    fleet: Fleet, target: Target, redis: Server, seconds: float, rate: float, i: int, attempt: int
+) -> tuple[dict[str, Any], bool]:
+    """One step at `rate` with the CPU of every process involved; (the step's record, passed)."""
+    pids = [s.pid for s in target.servers]
+    before, redis0, busy0, t0 = _cpu(pids), cpu_seconds(redis.pid), machine_busy(), time.perf_counter()
+    tag = i * CONFIRM_TRIES + attempt  # a fresh tag per attempt: late frames of the last one are not dupes
+    summary = await fleet.step(rate, seconds, slo=Slo(p99_ms=P99_MS, max_loss_ratio=0), index=tag)
+    wall = time.perf_counter() - t0
+    after, redis1, busy1 = _cpu(pids), cpu_seconds(redis.pid), machine_busy()
+    used = {s.name: after[s.pid] - before[s.pid] for s in target.servers}
+    deliveries = max(1, summary["deliveries"])
+    step = {
+        "rate": rate,
+        "attempt": attempt + 1,
+        "summary": summary,
+        "server_cpu_share": {k: v / wall for k, v in used.items()},
+        "redis_cpu_share": (redis1 - redis0) / wall,
+        "machine_cpu_share": (busy1 - busy0) / wall,
+        "server_cpu_us_per_delivery": sum(used.values()) / deliveries * 1e6,
+    }
+    lat, acc = summary["latency"], summary["accounting"]
+    ok = bool(summary["ok"])
+    shares = (
+        f"server {sum(step['server_cpu_share'].values()):4.0%} redis {step['redis_cpu_share']:4.0%} "
+        f"gen {summary['generator']['cpu_share_per_process'][0]:4.0%} "
+        f"machine {step['machine_cpu_share']:4.0%}"
+    )
+    print(
+        f"  {target.name:>15} {rate:>7g} msg/s #{attempt + 1}: p50 {lat['p50_ms']:7.2f} "
+        f"p99 {lat['p99_ms']:8.2f} ms lost {acc['lost']:>6} cpu: {shares} {'ok' if ok else 'FAIL'}",
+        flush=True,
+    )
+    return step, ok
+
+
 async def ramp(
     target: Target, shape: Shape, key: str, redis: Server, seconds: float, rates: list[float]
 ) -> Ramp:
@@ -118,40 +157,18 @@ async def ramp(
             result.limit = f"connect errors: {dict(fleet.connections['error_kinds'])}"
             return result
         for i, rate in enumerate(rates):
-            pids = [s.pid for s in target.servers]
-            before, redis0, busy0, t0 = (
-                _cpu(pids),
-                cpu_seconds(redis.pid),
-                machine_busy(),
-                time.perf_counter(),
-            )
-            summary = await fleet.step(rate, seconds, slo=Slo(p99_ms=P99_MS, max_loss_ratio=0), index=i)
-            wall = time.perf_counter() - t0
-            after, redis1, busy1 = _cpu(pids), cpu_seconds(redis.pid), machine_busy()
-            used = {s.name: after[s.pid] - before[s.pid] for s in target.servers}
-            deliveries = max(1, summary["deliveries"])
-            step = {
-                "rate": rate,
-                "summary": summary,
-                "server_cpu_share": {k: v / wall for k, v in used.items()},
-                "redis_cpu_share": (redis1 - redis0) / wall,
-                "machine_cpu_share": (busy1 - busy0) / wall,
-                "server_cpu_us_per_delivery": sum(used.values()) / deliveries * 1e6,
-            }
-            result.steps.append(step)
-            lat, acc = summary["latency"], summary["accounting"]
-            ok = summary["ok"]
-            shares = (
-                f"server {sum(step['server_cpu_share'].values()):4.0%} redis {step['redis_cpu_share']:4.0%} "
-                f"gen {summary['generator']['cpu_share_per_process'][0]:4.0%} "
-                f"machine {step['machine_cpu_share']:4.0%}"
-            )
-            print(
-                f"  {target.name:>15} {key:>6} {rate:>7g} msg/s: p50 {lat['p50_ms']:7.2f} "
-                f"p99 {lat['p99_ms']:8.2f} ms lost {acc['lost']:>6} cpu: {shares} {'ok' if ok else 'FAIL'}",
-                flush=True,
-            )
-            if not ok:
+            # A step that fails is run twice more and passes on 2 of 3: one noisy pass on a shared
+            # machine must not end a ramp early (the reference app's ceiling moved 10x between
+            # single-pass runs).
+            passes, attempts = 0, 0
+            while attempts < CONFIRM_TRIES and passes < 2 and attempts - passes < 2:
+                step, ok = await _step(fleet, target, redis, seconds, rate, i, attempts)
+                result.steps.append(step)
+                attempts += 1
+                passes += ok
+                if ok and attempts == 1:
+                    break
+            if passes < min(attempts, 2):
                 result.limit = _limit(step, target)
                 break
             result.max_rate = rate

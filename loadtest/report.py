@@ -36,9 +36,10 @@ def plots(results: dict[str, Any], plot_dir: str) -> list[str]:
     for i, (shape, ramps) in enumerate(by_shape.items()):
         fig, ax = plt.subplots(figsize=(8, 5))
         for r, color in zip(ramps, ("tab:blue", "tab:green", "tab:red", "tab:purple"), strict=False):
-            rates = [s["rate"] for s in r["steps"]]
+            steps = _median_steps(r["steps"])
+            rates = [s["rate"] for s in steps]
             for q, style in (("p50_ms", ":"), ("p99_ms", "-"), ("p999_ms", "--")):
-                vals = [max(s["summary"]["latency"][q], 0.01) for s in r["steps"]]
+                vals = [max(s["summary"]["latency"][q], 0.01) for s in steps]
                 ax.plot(rates, vals, style, marker="o", ms=3, color=color, label=f"{r['target']} {q[:-3]}")
         ax.axhline(100, color="grey", lw=0.8)
         ax.text(ax.get_xlim()[0], 110, "p99 SLO 100 ms", color="grey", fontsize=8)
@@ -105,7 +106,7 @@ def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) ->
         elif relay is not None:
             ratio = f"relay {relay:,.0f} msg/s; the reference sustained none of its ramp's rates"
     if len(shapes) > 1 and (r := ramps.get((shapes[1], "relay 1 pod"))):
-        at50 = [s for s in r["steps"] if s["rate"] == 50]
+        at50 = [s for s in r["steps"] if s["rate"] == 50 and s["summary"]["ok"]]
         p99 = at50[0]["summary"]["latency"]["p99_ms"] if at50 else None
         one = f"max sustainable {r['max_rate']:g} msg/s; p99 at 50 msg/s {_fmt(p99, ' ms', 1)}"
     if (i := idle.get("relay 1 pod")) is not None:
@@ -117,7 +118,8 @@ def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) ->
     lines += [
         "## Maximum sustainable publish rate",
         "",
-        "Ramped in fixed steps until p99 > 100 ms, any loss, or a saturated generator; the table gives the "
+        "Ramped in fixed steps until p99 > 100 ms, any loss, or a saturated generator; a step that fails is "
+        "run twice more and passes on 2 of 3 (one noisy pass must not end a ramp). The table gives the "
         "last good step and what limited the first bad one (CPU shares are of one core, during that step).",
         "",
         "| shape | target | max msg/s | deliveries/s | p50 / p99 / p99.9 ms at max "
@@ -125,7 +127,7 @@ def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) ->
         "|---|---|---|---|---|---|---|",
     ]
     for r in results["ramps"]:
-        good = [s for s in r["steps"] if s["rate"] == r["max_rate"]]
+        good = [s for s in r["steps"] if s["rate"] == r["max_rate"] and s["summary"]["ok"]]
         if good:
             s = good[0]
             lat = s["summary"]["latency"]
@@ -147,7 +149,8 @@ def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) ->
         for s in r["steps"]:
             sm, lat = s["summary"], s["summary"]["latency"]
             lines.append(
-                f"| {r['shape']} | {r['target']} | {s['rate']:g} | {sm['delivered_per_s']:,.0f} | "
+                f"| {r['shape']} | {r['target']} | {s['rate']:g}{_attempt(s)} | "
+                f"{sm['delivered_per_s']:,.0f} | "
                 f"{lat['p50_ms']:.1f} | {lat['p99_ms']:.1f} | {lat['p999_ms']:.1f} | {lat['max_ms']:.1f} | "
                 f"{sm['accounting']['lost']} | {sum(s['server_cpu_share'].values()):.0%} | "
                 f"{s['redis_cpu_share']:.0%} | {sm['generator']['cpu_share_per_process'][0]:.0%} | "
@@ -177,3 +180,18 @@ def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) ->
             lines += [f.read()]
     with open(out, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
+
+
+def _attempt(step: dict[str, Any]) -> str:
+    return f" (try {step['attempt']})" if step.get("attempt", 1) > 1 else ""
+
+
+def _median_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One step per rate for the plots: the attempt with the median p99 where a step was repeated."""
+    by_rate: dict[float, list[dict[str, Any]]] = {}
+    for step in steps:
+        by_rate.setdefault(step["rate"], []).append(step)
+    return [
+        sorted(tries, key=lambda s: s["summary"]["latency"]["p99_ms"])[len(tries) // 2]
+        for _, tries in sorted(by_rate.items())
+    ]
