@@ -107,9 +107,7 @@ class Servers:
         argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         return self._spawn("redis", argv, dict(os.environ), port, f"redis://127.0.0.1:{port}/0")
 
-    def relay(
-        self, broker_url: str, name: str = "relay", python: str = MAIN_PYTHON, uvloop: bool = True, **env: str
-    ) -> Server:
+    def relay(self, broker_url: str, name: str = "relay", python: str = MAIN_PYTHON, **env: str) -> Server:
         port, internal = free_port(), free_port()
         full = {
             **os.environ,
@@ -127,14 +125,7 @@ class Servers:
             **env,
         }
         python = python if os.path.exists(python) else sys.executable
-        argv = [python, "-m", "service"]
-        if not uvloop:  # the pod falls back to asyncio's own loop when uvloop cannot be imported
-            argv = [
-                python,
-                "-c",
-                "import sys; sys.modules['uvloop'] = None; from service.__main__ import main; main()",
-            ]
-        server = self._spawn(name, argv, full, port, f"ws://127.0.0.1:{port}")
+        server = self._spawn(name, [python, "-m", "service"], full, port, f"ws://127.0.0.1:{port}")
         server.extra["internal_port"] = internal
         return server
 
