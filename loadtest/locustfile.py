@@ -33,6 +33,7 @@ import gevent
 import websocket
 from locust import User, constant, events, task
 from locust.env import Environment
+from locust.exception import StopUser
 from locust.runners import MasterRunner, WorkerRunner
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -148,7 +149,10 @@ PROFILES: dict[str, Profile] = {
         drain=5,
         spawn_rate=100,
         kill_at=25,
-        slo=Slo(max_duplicates=0, max_order_violations=0, max_connect_error_ratio=0.05),
+        # On loopback there is no Service to drop the dead pod: each of its clients' first reconnect
+        # has even odds of hitting it and being refused once (then the host is skipped for 5 s), so
+        # about a quarter of all connects fail; what must hold is order, no duplicates, and reconnects.
+        slo=Slo(max_duplicates=0, max_order_violations=0, max_connect_error_ratio=0.25),
     ),
 }
 
@@ -169,6 +173,9 @@ def _options(parser: Any) -> None:
     )
 
 
+HOST_DOWN_SECONDS = 5.0
+
+
 class State:
     """This process's measurements (a worker's, or the whole run's in local mode)."""
 
@@ -187,9 +194,21 @@ class State:
         self.deliveries_to_locust = False
         self.snapshots: dict[str, dict[str, Any]] = {}  # master: worker id -> latest snapshot
         self.counter = itertools.count()
+        # Set when the run stops. websocket-client's close() swallows every exception with a bare
+        # `except:`, Locust's GreenletExit included, so a user killed inside close() would live on and
+        # reconnect: the loops check this flag instead of relying on the kill alone.
+        self.stopping = False
+        self.down: dict[str, float] = {}  # host -> until when it counts as down
 
     def next_host(self) -> str:
-        return str(next(self.host_cycle))
+        """The next host round-robin, skipping one that refused a connection in the last few
+        seconds, as a Service drops a dead pod's endpoint (pod-kill on loopback has no Service)."""
+        now = time.time()
+        for _ in range(len(self.hosts)):
+            host = str(next(self.host_cycle))
+            if self.down.get(host, 0.0) <= now:
+                return host
+        return host
 
     def count(self, kind: str, key: str) -> None:
         bucket = self.connections[kind]
@@ -284,6 +303,11 @@ def _lag_ticker(interval: float = 0.01) -> None:
         STATE.health.lag.record(max(0.0, time.perf_counter() - due))
 
 
+@events.test_stopping.add_listener
+def _stopping(**_: Any) -> None:
+    STATE.stopping = True
+
+
 @events.quitting.add_listener
 def _quit(environment: Environment, **_: Any) -> None:
     runner = environment.runner
@@ -365,6 +389,8 @@ def _connect(user: User, path: str) -> tuple[websocket.WebSocket, str]:
         welcome = json.loads(ws.recv())
         channel = welcome["message"]["channel_id"]
     except Exception as exc:
+        if isinstance(exc, ConnectionRefusedError):
+            STATE.down[host] = time.time() + HOST_DOWN_SECONDS
         STATE.connections["errors"] += 1
         STATE.count("error_kinds", type(exc).__name__)
         _fire(user.environment, "connect", started, exc)
@@ -392,6 +418,8 @@ class Subscriber(User):
         lost_at: float | None = None
         backoff = 0.1
         while True:
+            if STATE.stopping:
+                raise StopUser()
             try:
                 ws, _ = _connect(self, "/" + self.lt_group)
             except Exception:
@@ -407,6 +435,8 @@ class Subscriber(User):
             until = time.time() + rng_lifetime(p) if p.lifetime else None
             code = self._receive(ws, receiver, until)
             receiver.left = time.time()
+            if STATE.stopping:
+                raise StopUser()
             if code is None:  # our own lifetime ended: a planned disconnect, reconnect at once
                 continue
             STATE.count("close_codes", str(code))
@@ -458,7 +488,9 @@ class Subscriber(User):
         except OSError:
             return 1006
         finally:
-            if until is None:
+            if STATE.stopping:  # no close handshake with 1,000 sockets at once: just drop them
+                ws.shutdown()
+            elif until is None:
                 ws.close()
 
 
@@ -486,7 +518,7 @@ class Publisher(User):
         total = int(rate * p.publish)
         pad = "x" * p.payload
         k = 0
-        while k < total:
+        while k < total and not STATE.stopping:
             due = start + k / rate
             now = time.time()
             if due > now:
