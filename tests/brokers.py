@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any
 
-from service.broker import Broker, Envelope, open_broker
+from service.broker import Broker, BrokerUnavailable, Envelope, open_broker
 from service.config import Settings
 
 # Short timings so failures are noticed and recovered from within a second or two.
@@ -65,3 +65,33 @@ async def eventually(check: Any, timeout: float = 5.0, interval: float = 0.02) -
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
     return time.monotonic() - started
+
+
+async def delivered_again(a: Collector, b: Collector, channel: str, timeout: float) -> float:
+    """Publish on `channel` from `a` until `b` receives one; the seconds it took. Publishes refused
+    while the link is down are expected: each is retried after a short pause."""
+    started = time.monotonic()
+    n = 0
+    while time.monotonic() - started < timeout:
+        n += 1
+        frame = f"after {n}"
+        try:
+            await a.broker.publish(Envelope(channel, frame, time.time()))
+        except BrokerUnavailable:  # refused at once, without yielding: give the link a turn
+            await asyncio.sleep(0.02)
+            continue
+        try:
+            await asyncio.wait_for(_arrival(b, frame), 0.5)
+        except TimeoutError:
+            continue
+        return time.monotonic() - started
+    raise AssertionError(f"no delivery within {timeout} s")
+
+
+async def _arrival(collector: Collector, frame: str) -> None:
+    seen = 0
+    while True:
+        envelopes = await collector.wait_for(seen + 1, 1.0)
+        if any(e.frame == frame for e in envelopes[seen:]):
+            return
+        seen = len(envelopes)

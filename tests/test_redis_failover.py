@@ -6,39 +6,18 @@ before they promote, so these tests allow 15 s and report what it took.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import pytest
 from redis.crc import key_slot
 
-from service.broker import BrokerUnavailable, Envelope
-from tests.brokers import Collector, eventually, redis_broker
+from service.broker import Envelope
+from tests.brokers import Collector, delivered_again, eventually, redis_broker
 from tests.redis_servers import RedisCluster, SentinelSet
 
 pytestmark = pytest.mark.integration
 
 FAILOVER = 15.0
-
-
-async def deliver_eventually(a: Collector, b: Collector, channel: str, timeout: float = FAILOVER) -> float:
-    started = time.monotonic()
-    n = 0
-    while time.monotonic() - started < timeout:
-        n += 1
-        frame = f"after failover {n}"
-        try:
-            await a.broker.publish(Envelope(channel, frame, time.time()))
-        except BrokerUnavailable:  # refused at once, without yielding: give the link a turn
-            await asyncio.sleep(0.05)
-            continue
-        try:
-            got = await b.wait_for(len(b.envelopes) + 1, 0.5)
-        except AssertionError:
-            continue
-        if any(e.frame == frame for e in got):
-            return time.monotonic() - started
-    raise AssertionError(f"no delivery within {timeout} s of the failover")
 
 
 @pytest.mark.xdist_group("redis-sentinel")
@@ -55,7 +34,7 @@ async def test_sentinel_master_killed_the_broker_finds_the_promoted_replica(
         await b.wait_for(1)
         sentinels.primary.kill()
         await eventually(lambda: not b.broker.ready, 5)
-        took = await deliver_eventually(a, b, "g:room")
+        took = await delivered_again(a, b, "g:room", FAILOVER)
         assert sentinels.master_port() == sentinels.replica.port
         print(f"sentinel failover: delivery resumed {took:.2f} s after the master was killed")
     finally:
@@ -78,9 +57,9 @@ async def test_cluster_primary_killed_the_broker_follows_the_new_slot_owner(
         assert await a.broker.publish(Envelope("g:victim", "before", time.time())) == 1
         await b.wait_for(1)
         victim.kill()
-        took = await deliver_eventually(a, b, "g:victim")
+        took = await delivered_again(a, b, "g:victim", FAILOVER)
         assert cluster.node_for_slot(key_slot(f"{redis_prefix}:g:victim".encode())) is not victim
-        await deliver_eventually(a, b, "g:bystander", 5)
+        await delivered_again(a, b, "g:bystander", 5)
         print(f"cluster failover: delivery resumed {took:.2f} s after the primary was killed")
     finally:
         await a.stop()

@@ -6,7 +6,6 @@ timings (tests/brokers.py FAST_REDIS), so every recovery must happen within a fe
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -14,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from service.broker import BrokerUnavailable, Envelope
-from tests.brokers import Collector, eventually, redis_broker
+from tests.brokers import Collector, delivered_again, eventually, redis_broker
 from tests.helpers import metric
 from tests.redis_servers import RedisServer
 
@@ -38,33 +37,8 @@ def env(frame: str) -> Envelope:
     return Envelope("g:room", frame, time.time())
 
 
-async def delivered_again(a: Collector, b: Collector, timeout: float = RECOVERY) -> float:
-    """Publish from `a` until `b` receives one; the seconds it took. Refused publishes are fine."""
-    started = time.monotonic()
-    n = 0
-    while time.monotonic() - started < timeout:
-        n += 1
-        frame = f"after {n}"
-        try:
-            await a.broker.publish(env(frame))
-        except BrokerUnavailable:
-            await asyncio.sleep(0.02)
-            continue
-        try:
-            await asyncio.wait_for(_arrival(b, frame), 0.5)
-        except TimeoutError:
-            continue
-        return time.monotonic() - started
-    raise AssertionError(f"no delivery within {timeout} s")
-
-
-async def _arrival(collector: Collector, frame: str) -> None:
-    seen = 0
-    while True:
-        envelopes = await collector.wait_for(seen + 1, 1.0)
-        if any(e.frame == frame for e in envelopes[seen:]):
-            return
-        seen = len(envelopes)
+async def recovered(a: Collector, b: Collector) -> float:
+    return await delivered_again(a, b, "g:room", RECOVERY)
 
 
 async def test_redis_killed_and_restarted_delivery_resumes_and_the_loss_is_counted(
@@ -79,7 +53,7 @@ async def test_redis_killed_and_restarted_delivery_resumes_and_the_loss_is_count
         await a.broker.publish(env("into the void"))
     assert metric("relay_broker_lost_total", reason="link_down") == lost_before + 1
     dedicated_redis.start()
-    took = await delivered_again(a, b)
+    took = await recovered(a, b)
     assert a.broker.ready and b.broker.ready
     assert took < RECOVERY
     await a.wait_for(1)  # the publisher's own pod hears it too (one delivery path)
@@ -100,7 +74,7 @@ async def test_a_paused_redis_is_detected_by_the_probe(
             await a.broker.publish(env("while paused"))
     finally:
         dedicated_redis.cont()
-    await delivered_again(a, b)
+    await recovered(a, b)
 
 
 async def test_client_kill_of_the_pubsub_connections_resubscribes(
@@ -111,7 +85,7 @@ async def test_client_kill_of_the_pubsub_connections_resubscribes(
     reconnects = metric("relay_redis_reconnects_total")
     with capture_logs() as logs:
         dedicated_redis.call("CLIENT", "KILL", "TYPE", "pubsub")
-        took = await delivered_again(a, b)
+        took = await recovered(a, b)
     assert took < 1.0
     assert metric("relay_redis_reconnects_total") >= reconnects + 2
     events = [e["event"] for e in logs]
@@ -134,7 +108,7 @@ async def test_one_log_line_per_outage_says_how_many_publishes_were_refused(
             with pytest.raises(BrokerUnavailable):
                 await a.broker.publish(env(f"lost {n}"))
         dedicated_redis.start()
-        await delivered_again(a, b)
+        await recovered(a, b)
     reconnected = [e for e in logs if e["event"] == "broker.reconnected" and e["publishes_refused"] >= 5]
     assert len(reconnected) == 1
     assert reconnected[0]["outage_seconds"] > 0
@@ -155,7 +129,7 @@ async def test_a_broker_started_while_redis_is_down_connects_when_it_appears(
         assert not b.broker.ready
         dedicated_redis.start()
         await eventually(lambda: b.broker.ready, RECOVERY)
-        await delivered_again(a, b)
+        await recovered(a, b)
     finally:
         await a.stop()
         await b.stop()
