@@ -142,17 +142,18 @@ class Hub:
         started = time.perf_counter()
         frame = envelope.frame
         v1_frame = None  # the v1 form ({"group": G, "message": ...}), built once if anyone needs it
+        sent = 0
         # offer() never awaits and never changes membership, so the set can be walked in place.
         for conn in members:
             if conn.v1:
                 if v1_frame is None:
                     v1_frame = group_frame(channels.group_of(envelope.channel), frame)
-                conn.offer(v1_frame)
+                sent += conn.offer(v1_frame)
             else:
-                conn.offer(frame)
+                sent += conn.offer(frame)
         finished = time.perf_counter()
         count = len(members)
-        metrics.MESSAGES_SENT.inc(count)
+        metrics.MESSAGES_SENT.inc(sent)  # dropped offers are counted in relay_send_queue_dropped_total
         metrics.FANOUT_RECIPIENTS.observe(count)
         metrics.LOCAL_FANOUT_DURATION.observe(finished - started)
         metrics.GROUP_FANOUT_LATENCY.observe(time.time() - envelope.sent_at)

@@ -145,3 +145,21 @@ async def test_a_slow_member_is_closed_without_holding_up_the_others(
     await settle()
     assert fast.sock.texts == [str(i) for i in range(20)]
     assert slow.conn.close_code == 4008
+
+
+async def test_frames_sent_counts_only_what_reached_a_socket(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, _, _ = pods
+    alive, gone = Member(hub, "alive"), Member(hub, "gone")
+    await hub.join(alive.conn, "g")
+    await hub.join(gone.conn, "g")
+    gone.conn.gone()
+    sent, dropped = (
+        metric("relay_messages_sent_total"),
+        metric("relay_send_queue_dropped_total", reason="closed"),
+    )
+    await hub.publish("g", "x")
+    await settle()
+    assert metric("relay_messages_sent_total") == sent + 1
+    assert metric("relay_send_queue_dropped_total", reason="closed") == dropped + 1
