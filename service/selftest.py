@@ -4,6 +4,9 @@ The `helm test` pod runs it through the chart's Service. Two seed-protocol clien
 random group, one publishes, and both must receive the frame: behind a Service with several pods
 the two sockets usually land on different pods, so the message crosses the broker. Exit 0 when it
 did, 1 with one line that says what went wrong.
+
+With authentication on, give it a token (`--token` or RELAY_SELFTEST_TOKEN, which the chart fills
+from a Secret) whose `groups` and `publish` claims allow `selftest-*`.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -52,13 +57,13 @@ async def _join(url: str, timeout: float) -> tuple[ClientConnection, str]:
     return ws, channel_id
 
 
-async def run(base_url: str, clients: int = 2, timeout: float = 10.0) -> list[str]:
+async def run(base_url: str, clients: int = 2, timeout: float = 10.0, token: str | None = None) -> list[str]:
     """One round: `clients` sockets join a new group, the first publishes, all must receive it.
 
     Returns the channel ids (their prefix names the pod each socket landed on).
     """
     group = "selftest-" + secrets.token_hex(6)
-    url = base_url.rstrip("/") + "/" + group
+    url = base_url.rstrip("/") + "/" + group + (f"?{urlencode({'token': token})}" if token else "")
     sockets: list[ClientConnection] = []
     try:
         ids: list[str] = []
@@ -77,11 +82,13 @@ async def run(base_url: str, clients: int = 2, timeout: float = 10.0) -> list[st
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
 
 
-async def run_with_retries(url: str, clients: int, timeout: float, attempts: int) -> list[str]:
+async def run_with_retries(
+    url: str, clients: int, timeout: float, attempts: int, token: str | None = None
+) -> list[str]:
     """`run`, retried with a short backoff: a pod may still be joining the Service's endpoints."""
     for attempt in range(1, attempts + 1):
         try:
-            return await run(url, clients, timeout)
+            return await run(url, clients, timeout, token)
         except SelfTestFailed as exc:
             if attempt == attempts:
                 raise
@@ -98,12 +105,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=2, help="sockets that join the group (at least 2)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each step")
     p.add_argument("--attempts", type=int, default=3, help="rounds to try before failing")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("RELAY_SELFTEST_TOKEN") or None,
+        help="client token for pods with authentication on (default: $RELAY_SELFTEST_TOKEN)",
+    )
     args = p.parse_args(argv)
     if args.clients < 2 or args.attempts < 1 or args.timeout <= 0:
         p.error("--clients must be at least 2, --attempts at least 1 and --timeout positive")
     started = time.monotonic()
     try:
-        ids = asyncio.run(run_with_retries(args.url, args.clients, args.timeout, args.attempts))
+        ids = asyncio.run(run_with_retries(args.url, args.clients, args.timeout, args.attempts, args.token))
     except SelfTestFailed as exc:
         print(f"relay selftest FAILED against {args.url}: {exc}", file=sys.stderr)
         return 1

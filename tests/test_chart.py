@@ -870,7 +870,16 @@ def test_notes_warn_when_api_keys_are_inline_and_show_the_publish_call() -> None
     assert "WARNING: relay.auth.enabled is false" in _notes()
 
 
-def test_helm_test_is_left_out_when_tokens_are_required() -> None:
-    """service.selftest carries no token: with auth on it could only fail, so the chart omits it."""
+def test_helm_test_is_left_out_when_tokens_are_required_and_none_is_given() -> None:
+    """With auth on, service.selftest without a token could only fail, so the chart omits it unless
+    tests.tokenSecret names one, which reaches the pod through a secretKeyRef."""
     assert not of_kind(render(SECURITY_VALUES), "Pod")
     assert "helm test` is not rendered" in _notes(SECURITY_VALUES)
+    with_token = render(SECURITY_VALUES, sets=("tests.tokenSecret.name=selftest-token",))
+    env = one(with_token, "Pod")["spec"]["containers"][0]["env"]
+    assert env == [
+        {
+            "name": "RELAY_SELFTEST_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "selftest-token", "key": "token"}},
+        }
+    ]

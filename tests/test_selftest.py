@@ -12,6 +12,7 @@ import websockets.asyncio.server
 from websockets.asyncio.server import ServerConnection
 
 from service import selftest
+from tests import tokens
 from tests.helpers import ROOT, running_pod, start_pod_process, ws_url
 
 
@@ -69,3 +70,11 @@ def test_command_exits_0_against_a_pod_process_and_1_when_it_is_gone() -> None:
     )
     assert gone.returncode == 1
     assert f"relay selftest FAILED against {url}: cannot open" in gone.stderr
+
+
+async def test_with_auth_on_it_needs_a_token_that_allows_selftest_groups() -> None:
+    token = tokens.hs256(groups=["selftest-*"], publish=["selftest-*"])
+    async with running_pod(jwt_secret=tokens.SECRET) as pod:
+        with pytest.raises(selftest.SelfTestFailed, match=r"socket closed \(code 4501\)"):
+            await selftest.run(ws_url(pod, ""), clients=2, timeout=5)
+        assert len(await selftest.run(ws_url(pod, ""), clients=2, timeout=5, token=token)) == 2
