@@ -16,6 +16,7 @@ uvicorn WebSocket implementation (they await only futures and events).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections import deque
@@ -49,19 +50,19 @@ async def _finish(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
     """Run a coroutine that `_step` started to completion inside the current task, as a Task would:
     wait for what it yielded, then resume it, until it returns."""
     while True:
-        try:
-            if yielded is None:
-                await asyncio.sleep(0)  # a bare yield asks for one trip round the loop
-            else:
-                # The inner await marked the future as awaited; clear it as Task.__step does,
-                # or awaiting it again here fails with "await wasn't used with future".
-                yielded._asyncio_future_blocking = False
-                await yielded
-        except asyncio.CancelledError:
-            coro.close()
-            raise
-        except Exception:
-            pass  # the coroutine reads the future's exception itself when it resumes
+        # The coroutine reads the future's exception itself when it resumes: ignore it here.
+        with contextlib.suppress(Exception):
+            try:
+                if yielded is None:
+                    await asyncio.sleep(0)  # a bare yield asks for one trip round the loop
+                else:
+                    # The inner await marked the future as awaited; clear it as Task.__step does,
+                    # or awaiting it again here fails with "await wasn't used with future".
+                    yielded._asyncio_future_blocking = False
+                    await yielded
+            except asyncio.CancelledError:
+                coro.close()
+                raise
         try:
             yielded = coro.send(None)
         except StopIteration:
@@ -183,11 +184,11 @@ class Connection:
     async def _finish_close(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
         try:
             async with asyncio.timeout(self.close_timeout):
-                await _finish(coro, yielded)
+                # A failed close means the client went away first: the endpoint sees the disconnect.
+                with contextlib.suppress(Exception):
+                    await _finish(coro, yielded)
         except TimeoutError:
             self._on_stuck()
-        except Exception:
-            pass  # the client went away first; the endpoint sees the disconnect
         finally:
             self._closer = None
 
