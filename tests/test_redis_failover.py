@@ -13,7 +13,8 @@ from redis.crc import key_slot
 
 from service.broker import Envelope
 from tests.brokers import Collector, delivered_again, eventually, redis_broker
-from tests.redis_servers import RedisCluster, SentinelSet
+from tests.helpers import metric
+from tests.redis_servers import RedisCluster, RedisServer, SentinelSet, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -64,3 +65,42 @@ async def test_cluster_primary_killed_the_broker_follows_the_new_slot_owner(
     finally:
         await a.stop()
         await b.stop()
+
+
+def move_slot(cluster: RedisCluster, slot: int, source: RedisServer, target: RedisServer) -> None:
+    """Reshard one (keyless) slot from `source` to `target`, as redis-cli --cluster reshard does."""
+    source_id, target_id = source.call("CLUSTER", "MYID"), target.call("CLUSTER", "MYID")
+    target.call("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    source.call("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    for node in (target, source, *cluster.primaries()):
+        node.call("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+    wait_until(lambda: cluster.node_for_slot(slot) is target, 10, f"slot {slot} to move")
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_publish_answered_moved_during_resharding_is_sent_again(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """Resharding moves a group's slot: the publisher's next SPUBLISH is answered MOVED; the broker
+    follows the new slot map and sends it again instead of losing it, and delivery goes on."""
+    cluster = redis_cluster
+    channel = "g:moving"
+    slot = key_slot(f"{redis_prefix}:{channel}".encode())
+    source = cluster.node_for_slot(slot)
+    target = next(p for p in cluster.primaries() if p is not source)
+    a = Collector(redis_broker(cluster.url, redis_prefix, "a"))
+    b = Collector(redis_broker(cluster.url, redis_prefix, "b"))
+    try:
+        await b.broker.subscribe(channel)
+        assert await a.broker.publish(Envelope(channel, "before", time.time())) == 1
+        await b.wait_for(1)
+        move_slot(cluster, slot, source, target)
+        rejected = metric("relay_broker_lost_total", reason="rejected")
+        await a.broker.publish(Envelope(channel, "answered MOVED, then sent again", time.time()))
+        assert metric("relay_broker_lost_total", reason="rejected") == rejected
+        await delivered_again(a, b, channel, 10)  # b follows too, once its subscription is moved
+    finally:
+        await a.stop()
+        await b.stop()
+        if cluster.node_for_slot(slot) is not source:
+            move_slot(cluster, slot, cluster.node_for_slot(slot), source)

@@ -4,7 +4,7 @@ With SPUBLISH/SSUBSCRIBE (Redis 7+) a message travels only inside the shard that
 slot, instead of being copied over the cluster bus to every node as classic PUBLISH is. So bus
 capacity grows with the number of primaries. The slot map comes from CLUSTER SLOTS, asked of any
 reachable node each time the broker (re)connects; a failover or a MOVED reply breaks the link and
-the next connect follows the new map.
+the next connect follows the new map (a publish answered MOVED is sent again on it).
 
 Why not redis-py's asyncio `ClusterPubSub`: its sharded reader polls each node's pub/sub connection
 in turn with `get_message(timeout)` (a poll loop, not one reader per shard), and its `ssubscribe`

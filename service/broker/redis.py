@@ -118,6 +118,7 @@ class RedisBroker:
         self._wanted: dict[bytes, str] = {}  # Redis channel -> logical channel
         self._link: _Link | None = None
         self._up = asyncio.Event()
+        self._down = asyncio.Event()  # set from a link's failure until the next link is up
         self._connecting = False
         self._closed = False
         self._supervisor: asyncio.Task[None] | None = None
@@ -133,7 +134,7 @@ class RedisBroker:
     def ready(self) -> bool:
         return self._link is not None
 
-    async def publish(self, envelope: Envelope) -> int:
+    async def publish(self, envelope: Envelope, *, resend: bool = True) -> int:
         link = self._link
         if link is None and self._down_since is None:  # never connected yet: wait for the first link
             self._start()
@@ -154,12 +155,27 @@ class RedisBroker:
             metrics.BROKER_LOST.labels("in_flight").inc()
             raise BrokerUnavailable("the Redis link was lost before Redis answered") from None
         except ReplyError as exc:
-            metrics.BROKER_LOST.labels("rejected").inc()
-            if str(exc).startswith(("MOVED", "ASK", "CLUSTERDOWN")):
+            moved = str(exc).startswith(("MOVED", "ASK"))
+            if moved or str(exc).startswith("CLUSTERDOWN"):
                 link.fail("topology_changed")
+            if moved and resend and await self._next_link(link):
+                # The slot moved (resharding, or a failover seen here first): the new link follows
+                # the new slot map, so send once more. The caller awaits this publish before its
+                # next one, so its order holds.
+                return await self.publish(envelope, resend=False)
+            metrics.BROKER_LOST.labels("rejected").inc()
             raise BrokerUnavailable(f"Redis refused the publish: {exc}") from None
         metrics.REDIS_PUBLISH_DURATION.observe(time.perf_counter() - started)
         return int(reached)
+
+    async def _next_link(self, old: _Link) -> bool:
+        """Wait, at most the Redis timeout, for a link other than `old` to be up."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._timeout):
+                if self._link is old:  # the supervisor has not yet seen `old` fail
+                    await self._down.wait()
+                await self._up.wait()
+        return self._link is not None and self._link is not old
 
     async def subscribe(self, *channels: str) -> None:
         """Returns once Redis confirmed; while the link is down, at once: the channels are recorded
@@ -288,6 +304,7 @@ class RedisBroker:
 
     def _went_up(self, link: _Link, failures: int) -> None:
         self._link = link
+        self._down.clear()
         self._up.set()
         metrics.REDIS_UP.set(1)
         link.monitor = asyncio.get_running_loop().create_task(self._watch(link), name="redis.watch")
@@ -310,6 +327,7 @@ class RedisBroker:
     def _went_down(self, link: _Link, reason: str) -> None:
         self._link = None
         self._up.clear()
+        self._down.set()
         metrics.REDIS_UP.set(0)
         if reason == "closed" or self._closed:
             return
