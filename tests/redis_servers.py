@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -273,6 +273,19 @@ def _servers_of(found: RedisServer | SentinelSet | RedisCluster) -> list[RedisSe
     return found.servers() if isinstance(found, SentinelSet) else found.nodes
 
 
+Shared = TypeVar("Shared", RedisServer, SentinelSet, RedisCluster)
+
+
+def _shared_servers(key: str, start: Callable[[Path], Shared], kind: type[Shared]) -> Shared:
+    """The servers `start` made for this process under `key`, started on first use (stopped at the
+    end of the session by _stop_shared_servers)."""
+    if key not in _shared:
+        _shared[key] = start(_workdir(key))
+    found = _shared[key]
+    assert isinstance(found, kind)
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_shared_servers() -> Iterator[None]:
     yield
@@ -284,11 +297,7 @@ def _stop_shared_servers() -> Iterator[None]:
 @pytest.fixture
 def redis_server() -> RedisServer:
     """One redis-server for the whole session: tests keep apart by prefix, never by FLUSHALL."""
-    if "single" not in _shared:
-        _shared["single"] = start_redis(_workdir("single"))
-    found = _shared["single"]
-    assert isinstance(found, RedisServer)
-    return found
+    return _shared_servers("single", start_redis, RedisServer)
 
 
 @pytest.fixture
@@ -303,11 +312,7 @@ def dedicated_redis() -> Iterator[RedisServer]:
 @pytest.fixture
 def sentinel_set() -> SentinelSet:
     """A Sentinel set shared by the tests that do not fail it over."""
-    if "sentinel" not in _shared:
-        _shared["sentinel"] = start_sentinel_set(_workdir("sentinel"))
-    found = _shared["sentinel"]
-    assert isinstance(found, SentinelSet)
-    return found
+    return _shared_servers("sentinel", start_sentinel_set, SentinelSet)
 
 
 @pytest.fixture
@@ -320,11 +325,7 @@ def dedicated_sentinel_set() -> Iterator[SentinelSet]:
 @pytest.fixture
 def redis_cluster() -> RedisCluster:
     """A six-node cluster shared by the tests that do not kill its nodes."""
-    if "cluster" not in _shared:
-        _shared["cluster"] = start_cluster(_workdir("cluster"))
-    found = _shared["cluster"]
-    assert isinstance(found, RedisCluster)
-    return found
+    return _shared_servers("cluster", start_cluster, RedisCluster)
 
 
 @pytest.fixture
