@@ -26,21 +26,47 @@ def _error(status: int, outcome: str, code: str, detail: str) -> Response:
     return JSONResponse({"error": {"code": code, "detail": detail}}, status_code=status)
 
 
+async def _body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is known to be over `limit` bytes: from its
+    Content-Length before reading anything, else while reading, so a client cannot make the pod
+    buffer more than `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def authorized(request: Request, keys: list[bytes]) -> Response | None:
+    """None when the request carries one of `keys` as a bearer token, else the 401/403 to answer
+    (404 when no key is configured: the API is off)."""
+    if not keys:
+        return _error(404, "disabled", "api_disabled", "the API is off: set RELAY_API_KEYS")
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("bearer "):
+        return _error(401, "unauthorized", "unauthorized", "send Authorization: Bearer <api key>")
+    given = header[7:].strip().encode()
+    if not any(hmac.compare_digest(given, key) for key in keys):
+        return _error(403, "forbidden", "forbidden", "unknown API key")
+    return None
+
+
 def api_routes(pod: Pod) -> list[Route]:
     keys = [key.encode() for key in split(pod.settings.api_keys)]
     limit = pod.settings.max_frame_bytes
 
     async def publish(request: Request) -> Response:
-        if not keys:
-            return _error(404, "disabled", "api_disabled", "the publish API is off: set RELAY_API_KEYS")
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer "):
-            return _error(401, "unauthorized", "unauthorized", "send Authorization: Bearer <api key>")
-        given = header[7:].strip().encode()
-        if not any(hmac.compare_digest(given, key) for key in keys):
-            return _error(403, "forbidden", "forbidden", "unknown API key")
-        body = await request.body()
-        if len(body) > limit:
+        refused = authorized(request, keys)
+        if refused is not None:
+            return refused
+        body = await _body(request, limit)
+        if body is None:
             return _error(413, "too_large", "too_large", f"the body is over RELAY_MAX_FRAME_BYTES ({limit})")
         try:
             request_obj = orjson.loads(body)

@@ -16,7 +16,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.api import api_routes
+from service import metrics
+from service.api import api_routes, authorized
+from service.config import split
 from service.console import console_routes
 from service.endpoint import Endpoint
 from service.pod import Pod
@@ -45,7 +47,9 @@ def create_public_app(pod: Pod) -> PublicApp:
 
 
 def create_internal_app(pod: Pod) -> Starlette:
-    async def metrics(request: Request) -> Response:
+    keys = [key.encode() for key in split(pod.settings.api_keys)]
+
+    async def scrape(request: Request) -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(request: Request) -> Response:
@@ -61,7 +65,13 @@ def create_internal_app(pod: Pod) -> Starlette:
         )
 
     async def drain(request: Request) -> Response:
-        # POST for people and scripts; GET too, because a Kubernetes preStop httpGet hook can only GET.
+        # It stops the pod, so it takes an API key like the publish API: whoever can reach the
+        # internal port (a scraper, a backend) must not be able to take every pod down. Kubernetes
+        # needs none of it: SIGTERM drains the same way (docs/security.md).
+        refused = authorized(request, keys)
+        if refused is not None:
+            return refused
+        metrics.API_REQUESTS.labels("accepted").inc()
         task = pod.drain()
         if request.query_params.get("wait", "true") != "false":
             await task
@@ -70,10 +80,10 @@ def create_internal_app(pod: Pod) -> Starlette:
 
     return Starlette(
         routes=[
-            Route("/metrics", metrics),
+            Route("/metrics", scrape),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            Route("/drain", drain, methods=["POST", "GET"]),
+            Route("/drain", drain, methods=["POST"]),
             *api_routes(pod),
         ]
     )

@@ -17,14 +17,23 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import unquote_plus
 
 import jwt
+from jwt.algorithms import HMACAlgorithm, get_default_algorithms
 
 from service.config import Settings, SettingsError, split
 from service.protocol import CloseCode
 
 Scope = dict[str, Any]
+
+# Longer tokens are refused unparsed. Real ones are well under 4 KiB: the HTTP server refuses
+# request lines and headers much longer than this anyway.
+MAX_TOKEN_CHARS = 16384
+
+MAX_EXP = 253402300799  # 9999-12-31T23:59:59Z
+
+_ALGORITHMS = get_default_algorithms()  # name -> PyJWT's verifier, to tell HMAC from public-key ones
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +83,15 @@ class Authenticator:
             raise SettingsError("RELAY_JWT_ALGORITHMS names an HS algorithm but RELAY_JWT_SECRET is unset")
 
     def authenticate(self, token: str | None) -> Identity:
-        """The identity a token proves; ANONYMOUS when auth is off. Raises AuthError."""
+        """The identity a token proves; ANONYMOUS when auth is off. Raises AuthError, and only
+        AuthError, for anything a client can send (a malformed token is just an invalid one)."""
         if not self.enabled:
             return ANONYMOUS
         if not token:
             raise AuthError(CloseCode.UNAUTHORIZED, "token required")
+        # A JWT is base64url segments and dots: anything longer or non-ASCII is refused before parsing.
+        if len(token) > MAX_TOKEN_CHARS or not token.isascii():
+            raise AuthError(CloseCode.UNAUTHORIZED, "invalid token: malformed")
         try:
             claims = jwt.decode(
                 token,
@@ -96,15 +109,30 @@ class Authenticator:
         return _identity(claims)
 
     def _key_for(self, token: str) -> Any:
-        header = jwt.get_unverified_header(token)
-        algorithm = header.get("alg", "")
-        if algorithm.startswith("HS"):
+        """The key to verify `token` with, chosen from its unverified header. Every field is the
+        client's: checked for type before use, and refused with a PyJWTError, never another error."""
+        header = jwt.get_unverified_header(token)  # DecodeError unless a JSON object
+        algorithm = header.get("alg")
+        if not isinstance(algorithm, str) or algorithm not in self._algorithms:
+            raise jwt.InvalidAlgorithmError("the token's alg is not an accepted algorithm")
+        verifier = _ALGORITHMS.get(algorithm)
+        if verifier is None:
+            raise jwt.InvalidAlgorithmError("the token's alg is not supported")
+        if isinstance(verifier, HMACAlgorithm):
+            # An HMAC token is only ever checked against the shared secret, never against a public
+            # key (algorithm confusion: the public key is public, so anyone could sign with it).
+            if not self._secret:
+                raise jwt.InvalidAlgorithmError("no shared secret configured")
             return self._secret
         if self._jwks is not None:
-            kid = header.get("kid")
-            keys = [k for k in self._jwks.keys if kid is None or k.key_id == kid]
+            kid = header.get("kid")  # get_unverified_header has checked it is a string if present
+            keys = [
+                k
+                for k in self._jwks.keys
+                if (kid is None or k.key_id == kid) and isinstance(verifier, type(k.Algorithm))
+            ]
             if len(keys) != 1:
-                raise jwt.InvalidKeyError("no single JWKS key matches the token's kid")
+                raise jwt.InvalidKeyError("no single JWKS key of this algorithm matches the token's kid")
             return keys[0].key
         if self._public_key:
             return self._public_key
@@ -120,6 +148,10 @@ def _identity(claims: dict[str, Any]) -> Identity:
 
     sub = claims.get("sub")
     exp = claims.get("exp")
+    # PyJWT has compared exp with the clock; it still may be any JSON number (10**400 overflows a
+    # float, and the expiry timer would take 1e300 badly): past the year 9999 it is not a real one.
+    if isinstance(exp, int | float) and not 0 <= exp <= MAX_EXP:
+        raise AuthError(CloseCode.UNAUTHORIZED, "claim 'exp' is out of range")
     return Identity(
         sub=str(sub) if sub is not None else None,
         groups=patterns("groups"),
@@ -131,11 +163,14 @@ def _identity(claims: dict[str, Any]) -> Identity:
 
 def token_from(scope: Scope) -> str | None:
     """The client's token: `?token=` (browsers) or `Authorization: Bearer` (everyone else)."""
-    query = scope.get("query_string", b"")
+    query: bytes = scope.get("query_string", b"")
     if b"token=" in query:
-        values: list[str] = parse_qs(query.decode("latin-1")).get("token", [])
-        if values:
-            return values[0]
+        # The first non-empty `token=`, its name exactly as written: what the log redaction and
+        # every proxy's see too (parse_qs would also take a percent-encoded `%74oken=`).
+        for pair in query.split(b"&"):
+            name, _, value = pair.partition(b"=")
+            if name == b"token" and value:
+                return unquote_plus(value.decode("latin-1"))
     for name, value in scope.get("headers", ()):
         if name == b"authorization" and value[:7].lower() == b"bearer ":
             return str(value[7:].decode("latin-1").strip())

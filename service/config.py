@@ -90,11 +90,30 @@ class Settings:
     outbox_size: int = _setting(
         1024, "RELAY_OUTBOX_SIZE", "frames a member may fall behind before it is closed with 4008"
     )
+    outbox_bytes: int = _setting(
+        262144,
+        "RELAY_OUTBOX_BYTES",
+        "characters of frame text a member may fall behind by before it is closed with 4008",
+    )
+    outbox_max_age: float = _setting(
+        30.0,
+        "RELAY_OUTBOX_MAX_AGE",
+        "seconds a member may stay behind (its backlog never emptying) before it is closed with 4008; "
+        "0 disables",
+    )
     publish_rate: float = _setting(
-        100.0, "RELAY_PUBLISH_RATE", "publishes per second per connection (token bucket refill); 0 disables"
+        100.0,
+        "RELAY_PUBLISH_RATE",
+        "client frames per second per connection, every frame counted (token bucket refill); 0 disables",
     )
     publish_burst: int = _setting(
-        200, "RELAY_PUBLISH_BURST", "token bucket size: publishes allowed in a burst"
+        200, "RELAY_PUBLISH_BURST", "token bucket size: client frames allowed in a burst"
+    )
+    rate_limit_action: str = _setting(
+        "delay",
+        "RELAY_RATE_LIMIT_ACTION",
+        "over a frame or publish limit: delay (stop reading the socket until the budget refills; "
+        "nothing is lost) or reject (v1: rate_limited error; seed clients: close 4029)",
     )
     max_groups: int = _setting(100, "RELAY_MAX_GROUPS", "groups one connection may be a member of")
     drain_delay: float = _setting(
@@ -188,7 +207,9 @@ class Settings:
         0.0, "RELAY_CONNECT_RATE", "new sockets per second per pod (bursts of twice that); 0 disables"
     )
     pod_publish_rate: float = _setting(
-        0.0, "RELAY_POD_PUBLISH_RATE", "client publishes per second per pod, all sockets together; 0 disables"
+        0.0,
+        "RELAY_POD_PUBLISH_RATE",
+        "client frames per second per pod, all sockets together, every frame counted; 0 disables",
     )
     user_max_connections: int = _setting(
         100, "RELAY_USER_MAX_CONNECTIONS", "sockets one token subject (sub) may hold per pod; 0 disables"
@@ -211,8 +232,19 @@ class Settings:
         self._check("internal_port", self.port != self.internal_port or self.port == 0, "unlike RELAY_PORT")
         for name in ("max_frame_bytes", "max_connections", "outbox_size", "publish_burst", "max_groups"):
             self._check(name, getattr(self, name) >= 1, "at least 1")
-        for name in ("publish_rate", "drain_delay", "drain_window", "ping_interval", "ping_timeout"):
+        for name in (
+            "publish_rate",
+            "drain_delay",
+            "drain_window",
+            "ping_interval",
+            "ping_timeout",
+            "outbox_max_age",
+        ):
             self._check(name, getattr(self, name) >= 0, "zero or more")
+        self._check(
+            "outbox_bytes", self.outbox_bytes >= self.max_frame_bytes, "at least RELAY_MAX_FRAME_BYTES"
+        )
+        self._check("rate_limit_action", self.rate_limit_action in ("delay", "reject"), "delay or reject")
         self._check("close_timeout", self.close_timeout > 0, "more than 0")
         self._check("ready_connection_ratio", 0 < self.ready_connection_ratio <= 1, "in (0, 1]")
         self._check("ws_impl", self.ws_impl in WS_IMPLS, "one of " + ", ".join(WS_IMPLS))

@@ -4,9 +4,11 @@ Most sockets keep up, so `offer` writes at once, without a task or a queue: it s
 `send` coroutine and runs it to its first suspension by hand. uvicorn's WebSocket `send` only
 suspends while the transport is paused (the kernel buffer is full), so in the common case the frame
 is written by then and the coroutine is finished. When it does suspend, the socket has fallen
-behind: the rest of that send and every later frame move to a bounded backlog drained by a writer
-task, and a socket more than `outbox_size` frames behind is closed with 4008. `offer` never awaits,
-so one stalled client cannot hold up a fan-out.
+behind: the rest of that send and every later frame move to a backlog drained by a writer task.
+The backlog is bounded three ways, and a member past any bound is slow and closed with 4008: more
+than `outbox_size` frames, more than `outbox_bytes` characters of frame text, or behind (a backlog
+that never emptied) for more than `outbox_max_age` seconds. `offer` never awaits, so one stalled
+client cannot hold up a fan-out.
 
 This is what Python 3.12's eager tasks do for any coroutine; relay targets 3.11 too, and needs only
 this one case. It relies on `send` not depending on which task runs it, which holds for every
@@ -74,18 +76,21 @@ class Connection:
 
     __slots__ = (
         "_backlog",
+        "_backlog_bytes",
+        "_behind_since",
         "_closer",
-        "_on_stuck",
+        "_outbox_bytes",
+        "_outbox_max_age",
         "_outbox_size",
-        "_send",
         "_writer",
         "close_code",
-        "close_timeout",
+        "closed_at",
         "frames_in",
         "frames_out",
         "groups",
         "id",
         "opened_at",
+        "send",
         "state",
         "v1",
     )
@@ -96,8 +101,8 @@ class Connection:
         send: Send,
         *,
         outbox_size: int,
-        close_timeout: float,
-        on_stuck: Callable[[], object] = lambda: None,
+        outbox_bytes: int = 1 << 62,
+        outbox_max_age: float = float("inf"),
         v1: bool = False,
     ) -> None:
         self.id = conn_id
@@ -105,16 +110,19 @@ class Connection:
         self.state = State.OPEN
         self.groups: set[str] = set()  # broker channels this connection is a member of
         self.close_code: int | None = None
-        self.close_timeout = close_timeout
         self.frames_in = 0
         self.frames_out = 0
         self.opened_at = time.monotonic()
-        self._send = send
+        self.closed_at: float | None = None  # monotonic time relay closed it or saw it go
+        self.send = send
         self._outbox_size = outbox_size
+        self._outbox_bytes = outbox_bytes
+        self._outbox_max_age = outbox_max_age
         self._backlog: deque[str] | None = None  # not None while a writer task owns the socket
+        self._backlog_bytes = 0
+        self._behind_since = 0.0  # monotonic time the current backlog started
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
-        self._on_stuck = on_stuck
 
     def offer(self, frame: str) -> bool:
         """Hand `frame` to the socket without waiting. False when it was dropped (and counted)."""
@@ -123,7 +131,7 @@ class Connection:
             if self.state is not State.OPEN:
                 metrics.SEND_QUEUE_DROPPED.labels("closed").inc()
                 return False
-            coro = self._send({"type": "websocket.send", "text": frame})
+            coro = self.send({"type": "websocket.send", "text": frame})
             try:
                 yielded = _step(coro)
             except Exception:
@@ -134,15 +142,25 @@ class Connection:
             if yielded is not _DONE:
                 metrics.SEND_BACKLOGGED.inc()
                 self._backlog = deque()
-                self._writer = asyncio.get_running_loop().create_task(self._write_backlog(coro, yielded))
+                self._backlog_bytes = len(frame)  # the frame in flight is held until written
+                self._behind_since = time.monotonic()
+                self._writer = asyncio.get_running_loop().create_task(
+                    self._write_backlog(coro, yielded, len(frame))
+                )
             return True
-        if len(backlog) >= self._outbox_size:
+        size = self._backlog_bytes + len(frame)
+        if (
+            len(backlog) >= self._outbox_size
+            or size > self._outbox_bytes
+            or time.monotonic() - self._behind_since > self._outbox_max_age
+        ):
             metrics.SLOW_CONSUMER_DISCONNECTS.inc()
             metrics.SEND_QUEUE_DROPPED.labels("slow_consumer").inc(len(backlog) + 1)
             backlog.clear()
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
             return False
         backlog.append(frame)
+        self._backlog_bytes = size
         self.frames_out += 1
         return True
 
@@ -151,28 +169,35 @@ class Connection:
         """Frames waiting for the writer task (0 while the socket keeps up)."""
         return len(self._backlog) if self._backlog is not None else 0
 
-    async def _write_backlog(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    async def _write_backlog(self, coro: Coroutine[Any, Any, None], yielded: Any, size: int) -> None:
+        """Finish the send that stalled (`size` characters), then write the backlog in order. A frame
+        counts against `outbox_bytes` until it is written."""
         try:
             await _finish(coro, yielded)
+            self._backlog_bytes -= size
             while self._backlog:
-                await self._send({"type": "websocket.send", "text": self._backlog.popleft()})
+                frame = self._backlog.popleft()
+                await self.send({"type": "websocket.send", "text": frame})
+                self._backlog_bytes -= len(frame)
         except Exception:
             self.gone()
             return
         self._backlog = None
+        self._backlog_bytes = 0
         self._writer = None
 
     def close(self, code: int, reason: str = "") -> None:
         """Close with `code` now: drop the backlog and send the close frame. Idempotent.
 
-        If the socket is too stalled to take even the close frame within `close_timeout`, the
-        connection is abandoned: `on_stuck` (the endpoint cancelling itself) releases it anyway."""
+        A socket too stalled to take even the close frame is cut by the pod's reaper once
+        `closed_at` is RELAY_CLOSE_TIMEOUT old (service/pod.py)."""
         if self.state is not State.OPEN:
             return
         self.state = State.CLOSING
         self.close_code = code
+        self.closed_at = time.monotonic()
         self._stop_writer()
-        coro = self._send({"type": "websocket.close", "code": code, "reason": reason})
+        coro = self.send({"type": "websocket.close", "code": code, "reason": reason})
         try:
             yielded = _step(coro)
         except Exception:
@@ -183,17 +208,17 @@ class Connection:
 
     async def _finish_close(self, coro: Coroutine[Any, Any, None], yielded: Any) -> None:
         try:
-            async with asyncio.timeout(self.close_timeout):
-                # A failed close means the client went away first: the endpoint sees the disconnect.
-                with contextlib.suppress(Exception):
-                    await _finish(coro, yielded)
-        except TimeoutError:
-            self._on_stuck()
+            # A failed close means the client went away first (or was cut): the endpoint sees the
+            # disconnect either way.
+            with contextlib.suppress(Exception):
+                await _finish(coro, yielded)
         finally:
             self._closer = None
 
     def gone(self) -> None:
         """The client is gone (disconnect received or a send failed): stop writing."""
+        if self.closed_at is None:
+            self.closed_at = time.monotonic()
         self.state = State.CLOSED
         self._stop_writer()
         if self._closer is not None:
@@ -203,6 +228,7 @@ class Connection:
         if self._backlog:
             metrics.SEND_QUEUE_DROPPED.labels("closed").inc(len(self._backlog))
         self._backlog = None
+        self._backlog_bytes = 0
         if self._writer is not None:
             self._writer.cancel()
             self._writer = None

@@ -20,13 +20,14 @@ from typing import Any
 
 import structlog
 
-from service import metrics, protocol
+from service import metrics, protocol, transport
 from service.auth import AuthError, Identity, origin_allowed, origin_of, token_from
 from service.broker import BrokerUnavailable
 from service.channels import new_connection_id
 from service.connection import Connection
 from service.hub import TooManyGroups
 from service.limits import TokenBucket
+from service.logs import exception_summary
 from service.pod import Pod
 from service.protocol import (
     SUBPROTOCOL,
@@ -98,7 +99,16 @@ class Endpoint:
         v1 = SUBPROTOCOL in scope.get("subprotocols", ())
         # Accept first, then close with a code: a close before accept reaches the client as a bare 403.
         await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL if v1 else None})
-        admitted = self._admit(scope, v1)
+        try:
+            admitted = self._admit(scope, v1)
+        except Exception as exc:  # a bug in relay, not the client's fault: 1011, and a log line that
+            # names the error and where, without its message or locals (they may hold the token).
+            metrics.CONNECTIONS_REJECTED.labels("internal_error").inc()
+            log.error("socket.admit_failed", **exception_summary(exc))
+            await send(
+                {"type": "websocket.close", "code": CloseCode.INTERNAL_ERROR, "reason": "internal error"}
+            )
+            return
         if isinstance(admitted, Refusal):
             metrics.CONNECTIONS_REJECTED.labels(admitted.reason).inc()
             code = REFUSALS[admitted.reason]
@@ -136,21 +146,13 @@ class Endpoint:
     async def _serve(
         self, receive: Receive, send: Send, identity: Identity, group: str | None, v1: bool
     ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        abandoned = False
-
-        def abandon() -> None:  # the socket would not even take its close frame: stop reading it
-            nonlocal abandoned
-            abandoned = True
-            task.cancel()
-
+        s = self._settings
         conn = Connection(
             new_connection_id(self._hub.pod_id),
             send,
-            outbox_size=self._settings.outbox_size,
-            close_timeout=self._settings.close_timeout,
-            on_stuck=abandon,
+            outbox_size=s.outbox_size,
+            outbox_bytes=s.outbox_bytes,
+            outbox_max_age=s.outbox_max_age or float("inf"),
             v1=v1,
         )
         expiry = None
@@ -170,15 +172,15 @@ class Endpoint:
         except BrokerUnavailable:  # the path group could not be subscribed
             metrics.CONNECTIONS_REJECTED.labels("broker").inc()
             conn.close(CloseCode.TRY_AGAIN_LATER, "broker unavailable")
-        except asyncio.CancelledError:
-            if not abandoned:
-                raise
-            task.uncancel()
         finally:
             if expiry is not None:
                 expiry.cancel()
             conn.gone()
-            await self._hub.disconnect(conn)
+            try:
+                await self._hub.leave_all(conn)
+                await self._until_gone(send)
+            finally:
+                self._hub.unregister(conn)
             final_code = conn.close_code or client_code
             metrics.DISCONNECTS.labels(code_label(final_code)).inc()
             log.info(
@@ -192,9 +194,27 @@ class Endpoint:
                 frames_out=conn.frames_out,
             )
 
+    async def _until_gone(self, send: Send) -> None:
+        """Hold the socket's place in the caps until uvicorn has released it. A peer that will not
+        finish the close is cut by the pod's reaper after RELAY_CLOSE_TIMEOUT; the cap on this wait
+        only guards against a server that never reports the socket gone."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 2 * self._settings.close_timeout + 1.0
+        pause = 0.001
+        while not transport.gone(send) and loop.time() < give_up:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
     async def _read(self, conn: Connection, receive: Receive, identity: Identity) -> int:
-        """Read client frames until the socket closes; returns the close code the client gave."""
+        """Read client frames until the socket closes; returns the close code the client gave.
+
+        Every frame, ignored ones included, spends a token of the connection's and the pod's
+        budgets (publishes also the user's). Over budget, by default the frame waits for its token
+        while the socket is not read, so TCP slows the client down and nothing is lost; with
+        RELAY_RATE_LIMIT_ACTION=reject, v1 clients get `rate_limited` and seed clients 4029."""
         bucket = TokenBucket(self._settings.publish_rate, self._settings.publish_burst, time.monotonic())
+        quotas = self._pod.quotas
+        delay = self._settings.rate_limit_action == "delay"
         while True:
             event = await receive()
             if event["type"] != "websocket.receive":
@@ -205,34 +225,41 @@ class Endpoint:
                 return code
             conn.frames_in += 1
             text = event.get("text")
-            if text is None:
+            command = protocol.decode(text) if text is not None else None  # None: a binary frame
+            ref = command.ref if command is not None else None
+            answered = conn.v1 or ref is not None
+            publishes = isinstance(command, SendToGroup | SendToChannel)
+            now = time.monotonic()
+            if delay:
+                wait = max(bucket.reserve(now), quotas.reserve(identity.sub, publishes, now))
+                if wait > 0:
+                    metrics.FRAMES_DELAYED.inc()
+                    metrics.FRAME_DELAY_SECONDS.inc(wait)
+                    await asyncio.sleep(wait)  # uvicorn stops reading the socket meanwhile
+            elif not (bucket.take(now) and quotas.allow(identity.sub, publishes, now)):
+                metrics.MESSAGES_RECEIVED.labels("rate_limited").inc()
+                if answered:
+                    conn.offer(protocol.error("rate_limited", "slow down", ref))
+                else:
+                    conn.close(CloseCode.RATE_LIMITED, "publish rate exceeded")
+                continue  # a close arrives as a disconnect event
+            if command is None:
                 metrics.MESSAGES_RECEIVED.labels("binary").inc()
                 if conn.v1:
                     conn.offer(protocol.error("bad_json", "binary frames are not supported"))
                 continue
-            command = protocol.decode(text)
             if isinstance(command, Rejected):
                 metrics.MESSAGES_RECEIVED.labels(command.reason).inc()
-                if conn.v1 or command.ref is not None:
-                    conn.offer(protocol.error(command.reason, DETAILS[command.reason], command.ref))
-                continue
-            answered = conn.v1 or command.ref is not None
-            now = time.monotonic()
-            publishes = isinstance(command, SendToGroup | SendToChannel)
-            if not bucket.take(now) or (publishes and not self._pod.quotas.allow_publish(identity.sub, now)):
-                metrics.MESSAGES_RECEIVED.labels("rate_limited").inc()
                 if answered:
-                    conn.offer(protocol.error("rate_limited", "slow down", command.ref))
-                    continue
-                conn.close(CloseCode.RATE_LIMITED, "publish rate exceeded")
-                continue  # the close arrives as a disconnect event
+                    conn.offer(protocol.error(command.reason, DETAILS[command.reason], ref))
+                continue
             outcome, failure = await self._execute(conn, command, identity)
             metrics.MESSAGES_RECEIVED.labels(outcome).inc()
             if answered:
                 if failure is None:
-                    conn.offer(protocol.ack(command.ref))
+                    conn.offer(protocol.ack(ref))
                 else:
-                    conn.offer(protocol.error(failure[0], failure[1], command.ref))
+                    conn.offer(protocol.error(failure[0], failure[1], ref))
 
     async def _execute(
         self, conn: Connection, command: Command, identity: Identity

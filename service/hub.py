@@ -102,14 +102,22 @@ class Hub:
                     del self._members[channel]
                     metrics.GROUPS.set(len(self._members))
 
-    async def disconnect(self, conn: Connection) -> None:
-        """Take `conn` out of every group and of the direct-send index. Safe to call twice."""
+    async def leave_all(self, conn: Connection) -> None:
+        """Take `conn` out of every group: it receives nothing more. Safe to call twice."""
+        for channel in list(conn.groups):
+            await self._leave(conn, channel)
+
+    def unregister(self, conn: Connection) -> None:
+        """Forget `conn` once its socket is really gone: it stops counting against the caps."""
         if self._connections.pop(conn.id, None) is not None:
             metrics.CONNECTIONS.set(len(self._connections))
             if not self._connections:
                 self.empty.set()
-        for channel in list(conn.groups):
-            await self._leave(conn, channel)
+
+    async def disconnect(self, conn: Connection) -> None:
+        """`leave_all`, then `unregister`: for a connection whose socket is already gone."""
+        await self.leave_all(conn)
+        self.unregister(conn)
 
     async def publish(self, group: str, frame: str) -> int:
         """Send `frame` to every member of `group` on every pod; returns the pods reached."""

@@ -30,6 +30,15 @@ class TokenBucket:
             return True
         return False
 
+    def reserve(self, now: float) -> float:
+        """Spend one token, borrowing it if there is none; returns the seconds to wait until the
+        borrowed token would have been there (0: go now). Callers that wait queue up in order."""
+        if self._rate == 0:
+            return 0.0
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate) - 1.0
+        self._stamp = now
+        return 0.0 if self._tokens >= 0.0 else -self._tokens / self._rate
+
 
 class KeyedLock:
     """One asyncio.Lock per key, created on first use and dropped when nobody holds or awaits it."""
@@ -74,21 +83,22 @@ class _User:
 
 
 class Quotas:
-    """Per-pod and per-user (token `sub`) limits: sockets held, new sockets per second, publishes
-    per second. Per user means per user on this pod: pods share no state."""
+    """Per-pod and per-user (token `sub`) limits: sockets held, new sockets per second, client
+    frames per second (per pod: every frame; per user: publishes). Per user means per user on this
+    pod: pods share no state."""
 
     def __init__(
         self,
         *,
         connect_rate: float,
-        publish_rate: float,
+        frame_rate: float,
         user_max_connections: int,
         user_connect_rate: float,
         user_publish_rate: float,
         now: float,
     ) -> None:
         self._connect = bucket(connect_rate, now)
-        self._publish = bucket(publish_rate, now)
+        self._frames = bucket(frame_rate, now)
         self._user_max = user_max_connections
         self._user_connect_rate = user_connect_rate
         self._user_publish_rate = user_publish_rate
@@ -121,11 +131,24 @@ class Quotas:
         if sub is not None and (user := self._users.get(sub)) is not None:
             user.connections -= 1
 
-    def allow_publish(self, sub: str | None, now: float) -> bool:
-        """Spend one publish from the pod's and the user's budgets."""
-        if sub is not None and (user := self._users.get(sub)) is not None and not user.publish.take(now):
+    def allow(self, sub: str | None, publishes: bool, now: float) -> bool:
+        """Spend one client frame from the pod's budget and, for a publish, one from the user's;
+        False when either is spent (nothing is taken from the pod's then)."""
+        if (
+            publishes
+            and sub is not None
+            and (user := self._users.get(sub)) is not None
+            and not user.publish.take(now)
+        ):
             return False
-        return self._publish.take(now)
+        return self._frames.take(now)
+
+    def reserve(self, sub: str | None, publishes: bool, now: float) -> float:
+        """Like `allow`, but borrowing: the seconds until both budgets would have had the token."""
+        wait = self._frames.reserve(now)
+        if publishes and sub is not None and (user := self._users.get(sub)) is not None:
+            wait = max(wait, user.publish.reserve(now))
+        return wait
 
     def users(self) -> int:
         return len(self._users)

@@ -61,6 +61,17 @@ SEND_BACKLOGGED = Counter(
     "relay_send_backlogged",
     "Times a member socket stopped keeping up and its frames were queued for a writer task",
 )
+SOCKETS_CUT = Counter(
+    "relay_sockets_cut",
+    "Sockets cut with a TCP reset because the peer had not finished closing within RELAY_CLOSE_TIMEOUT",
+)
+FRAMES_DELAYED = Counter(
+    "relay_frames_delayed",
+    "Client frames held back by a rate limit (RELAY_RATE_LIMIT_ACTION=delay) until the budget refilled",
+)
+FRAME_DELAY_SECONDS = Counter(
+    "relay_frame_delay_seconds", "Total time client frames were held back by rate limits"
+)
 PUBLISH_FAILURES = Counter(
     "relay_publish_failures", "Client publishes the broker did not accept (counted at the origin pod)"
 )
@@ -93,6 +104,6 @@ BROKER_LOST = Counter(
 
 API_REQUESTS = Counter(
     "relay_api_requests",
-    "Backend publish API requests (POST /api/publish on the internal port) by outcome",
+    "Requests to the internal port's keyed API (POST /api/publish, POST /drain) by outcome",
     ["outcome"],  # accepted | disabled | unauthorized | forbidden | bad_request | too_large | broker_error
 )

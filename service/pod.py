@@ -17,7 +17,7 @@ from typing import Literal
 
 import structlog
 
-from service import metrics
+from service import metrics, transport
 from service.auth import Authenticator
 from service.broker import Broker
 from service.config import Settings, split
@@ -42,7 +42,7 @@ class Pod:
         self.allowed_origins = split(settings.allowed_origins)
         self.quotas = Quotas(
             connect_rate=settings.connect_rate,
-            publish_rate=settings.pod_publish_rate,
+            frame_rate=settings.pod_publish_rate,
             user_max_connections=settings.user_max_connections,
             user_connect_rate=settings.user_connect_rate,
             user_publish_rate=settings.user_publish_rate,
@@ -51,11 +51,36 @@ class Pod:
         self.draining = False
         self.stopped = asyncio.Event()  # set once the drain is over: the servers exit
         self._run: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
         self._drain: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.hub.start()
-        self._run = asyncio.get_running_loop().create_task(self.hub.run(), name="hub.run")
+        loop = asyncio.get_running_loop()
+        self._run = loop.create_task(self.hub.run(), name="hub.run")
+        self._reaper = loop.create_task(self._reap(), name="pod.reaper")
+
+    async def _reap(self) -> None:
+        """Cut (TCP reset) every socket that has been closing for longer than RELAY_CLOSE_TIMEOUT.
+
+        A peer that stops reading never takes a close frame, and uvicorn's `transport.close()`
+        waits for a write buffer that never drains: without this such a socket stays ESTABLISHED
+        with full buffers for as long as the peer likes. Closing starts when relay closes the
+        socket, the client goes, or uvicorn closes it itself (a keepalive timeout, for one); the
+        socket keeps counting against the caps until it is really gone (the endpoint waits)."""
+        timeout = self.settings.close_timeout
+        while True:
+            await asyncio.sleep(max(0.05, timeout / 4))
+            now = time.monotonic()
+            for conn in self.hub.connections:
+                if conn.closed_at is None:
+                    if not transport.closing(conn.send):
+                        continue
+                    conn.closed_at = now
+                if now - conn.closed_at >= timeout and not transport.gone(conn.send):
+                    metrics.SOCKETS_CUT.inc()
+                    log.warning("socket.cut", conn_id=conn.id, closing_for=round(now - conn.closed_at, 3))
+                    transport.abort(conn.send)
 
     def refusal(self) -> Refusal | None:
         """Why a new socket must be turned away now, or None to admit it."""
@@ -77,17 +102,20 @@ class Pod:
     def drain(self) -> asyncio.Task[None]:
         """Start draining (idempotent); the task finishes when the pod has stopped."""
         if self._drain is None:
+            # Marked here, not in the task: a second SIGTERM handled in this same loop turn, before
+            # the task first runs, must see the drain under way (and force the exit), and no socket
+            # may be admitted meanwhile.
+            self.draining = True
+            metrics.DRAINING.set(1)
+            log.info("pod.draining", connections=self.hub.connection_count(), delay=self.settings.drain_delay)
             self._drain = asyncio.get_running_loop().create_task(self._drain_and_stop(), name="pod.drain")
         return self._drain
 
     async def _drain_and_stop(self) -> None:
-        self.draining = True
-        metrics.DRAINING.set(1)
-        log.info("pod.draining", connections=self.hub.connection_count(), delay=self.settings.drain_delay)
         try:
             await asyncio.sleep(self.settings.drain_delay)
             closed = await self.close_all(CloseCode.SERVICE_RESTART, self.settings.drain_window)
-            await self._wait_for_sockets(self.settings.close_timeout + 1.0)
+            await self._wait_for_sockets(self.settings.close_timeout * 1.25 + 1.0)
             log.info("pod.drained", closed=closed, remaining=self.hub.connection_count())
         finally:
             await self.stop()
@@ -116,6 +144,8 @@ class Pod:
         """Close the broker (ending hub.run) and tell the servers to exit. Idempotent."""
         if self.stopped.is_set():
             return
+        if self._reaper is not None:
+            self._reaper.cancel()
         await self.broker.close()
         if self._run is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):

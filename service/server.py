@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import structlog
 import uvicorn
 
+from service import transport
 from service.app import create_internal_app, create_public_app
 from service.broker import Broker, open_broker
 from service.config import Settings
@@ -72,7 +73,7 @@ class PodServer:
         await self.pod.start()
         public = self._config(
             create_public_app(self.pod),
-            ws=s.ws_impl,  # websockets-sansio measured fastest: docs/performance.md
+            ws=transport.protocol_for(s.ws_impl),  # websockets-sansio measured fastest: docs/performance.md
             ws_per_message_deflate=s.ws_compression,
             ws_max_size=s.max_frame_bytes,
             ws_ping_interval=s.ping_interval or None,

@@ -1,9 +1,12 @@
-"""Fakes for unit tests of pure logic only: an ASGI send that behaves like uvicorn's."""
+"""Fakes for unit tests of pure logic only: an ASGI send that behaves like uvicorn's, and a memory
+broker whose subscribe/unsubscribe a test can hold open."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
+
+from service.broker.memory import MemoryBroker, MemoryBus
 
 
 class FakeSocket:
@@ -29,3 +32,46 @@ class FakeSocket:
     @property
     def close_codes(self) -> list[int]:
         return [m["code"] for m in self.sent if m["type"] == "websocket.close"]
+
+
+Op = Literal["subscribe", "unsubscribe"]
+
+
+class GatedBroker(MemoryBroker):
+    """A MemoryBroker whose subscribe or unsubscribe can be held open, as a Redis round trip is.
+
+    MemoryBroker never suspends, so a hub call over it runs to the end in one step and no race with
+    another hub call can happen. After `hold(op)`, each `op` call suspends before it takes effect
+    until `release(op)`; `arrived(op)` waits until one is suspended there. Every call is recorded
+    in `calls`."""
+
+    def __init__(self, bus: MemoryBus) -> None:
+        super().__init__(bus)
+        self.calls: list[tuple[Op, tuple[str, ...]]] = []
+        self._gates: dict[Op, asyncio.Event] = {}
+        self._arrivals: dict[Op, asyncio.Event] = {}
+
+    def hold(self, op: Op) -> None:
+        self._gates[op] = asyncio.Event()
+        self._arrivals[op] = asyncio.Event()
+
+    async def arrived(self, op: Op, timeout: float = 1.0) -> None:
+        await asyncio.wait_for(self._arrivals[op].wait(), timeout)
+
+    def release(self, op: Op) -> None:
+        self._gates.pop(op).set()
+
+    async def _gate(self, op: Op, channels: tuple[str, ...]) -> None:
+        self.calls.append((op, channels))
+        gate = self._gates.get(op)
+        if gate is not None:
+            self._arrivals[op].set()
+            await gate.wait()
+
+    async def subscribe(self, *channels: str) -> None:
+        await self._gate("subscribe", channels)
+        await super().subscribe(*channels)
+
+    async def unsubscribe(self, *channels: str) -> None:
+        await self._gate("unsubscribe", channels)
+        await super().unsubscribe(*channels)

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,8 +73,20 @@ class Client:
     async def next(self, timeout: float = 5.0) -> Any:
         return json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
 
+    async def nothing_before(self, marker: dict[str, Any], timeout: float = 5.0) -> None:
+        """Assert the next frame is the `marker` just sent (what `publish` or `direct` returned), so
+        nothing sent ahead of it reached this client. Sound only when whatever must not arrive would
+        have travelled the marker's path ahead of it: one publisher's frames keep their order through
+        a pod, through Redis and to every receiver, and a pod delivers its broker's messages in order.
+        Prefer this to `nothing`: no fixed window to wait out, and no window too short to see a late frame."""
+        frame = await self.next(timeout)
+        if frame != {"message": marker}:
+            raise AssertionError(f"unexpected frame before the marker: {frame!r}")
+
     async def nothing(self, within: float = 0.3) -> None:
-        """Assert no frame arrives within `within` seconds."""
+        """Assert no frame arrives within `within` seconds (> 0: asyncio.wait_for with 0 never even
+        starts the receive, so it cannot fail). Use `nothing_before` where a marker can be sent."""
+        assert within > 0, "a zero window cannot see anything"
         try:
             frame = await asyncio.wait_for(self.ws.recv(), within)
         except TimeoutError:
@@ -109,6 +121,25 @@ def scrape(port: int, name: str, **labels: str) -> float:
         if line.startswith(want + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `check()` until true (blocking: for tests that drive subprocesses); TimeoutError after
+    `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"gave up waiting for {what} after {timeout} s")
+
+
+def http_status(url: str) -> int | None:
+    """The status of GET `url`, or None while nothing answers."""
+    try:
+        return httpx.get(url, timeout=1).status_code
+    except httpx.HTTPError:
+        return None
 
 
 def free_port() -> int:

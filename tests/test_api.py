@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
@@ -89,3 +91,30 @@ async def test_the_api_is_not_on_the_public_port() -> None:
             headers={"Authorization": "Bearer key"},
         )
         assert response.status_code in (404, 405)
+
+
+async def _status_without_finishing(port: int, request: bytes) -> bytes:
+    """Send the start of a request, never its end, and return the status line the server answers
+    with: a server that waits for the whole body never answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+
+
+async def test_an_oversized_body_is_refused_before_it_is_read() -> None:
+    """A declared length over the limit is answered at once, without reading the body; a chunked
+    body is refused as soon as it passes the limit, not once it has all been buffered."""
+    async with running_pod(api_keys="key", max_frame_bytes=1000) as pod:
+        head = (
+            b"POST /api/publish HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer key\r\n"
+            b"Content-Type: application/json\r\n"
+        )
+        declared = head + b"Content-Length: 100000000\r\n\r\n" + b"x" * 10
+        assert (await _status_without_finishing(pod.internal_port, declared)).startswith(b"HTTP/1.1 413")
+        piece = b"%x\r\n%s\r\n" % (600, b"x" * 600)
+        chunked = head + b"Transfer-Encoding: chunked\r\n\r\n" + piece * 2  # 1,200 bytes, no last chunk
+        assert (await _status_without_finishing(pod.internal_port, chunked)).startswith(b"HTTP/1.1 413")

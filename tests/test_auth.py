@@ -53,6 +53,29 @@ def test_bad_tokens_are_refused_with_their_code(token: str | None, code: CloseCo
         assert token not in refused.value.reason  # reasons are safe to log
 
 
+MALFORMED = tokens.malformed()
+
+
+@pytest.mark.parametrize("token", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_tokens_are_refused_as_unauthorized(token: str) -> None:
+    """Whatever the client sends, the answer is AuthError(4501), never another exception."""
+    for auth in (hs_auth(), hs_auth(jwt_algorithms="HS256,HS384,HS512")):
+        with pytest.raises(AuthError) as refused:
+            auth.authenticate(token)
+        assert refused.value.code == CloseCode.UNAUTHORIZED
+        assert token[:16] not in refused.value.reason
+
+
+@pytest.mark.parametrize("token", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_tokens_are_refused_by_public_key_pods(
+    public_key_settings: dict[str, str], token: str
+) -> None:
+    auth = Authenticator(Settings(**public_key_settings))  # type: ignore[arg-type]
+    with pytest.raises(AuthError) as refused:
+        auth.authenticate(token)
+    assert refused.value.code == CloseCode.UNAUTHORIZED
+
+
 def test_audience_and_issuer_are_checked_when_configured() -> None:
     auth = hs_auth(jwt_audience="relay", jwt_issuer="https://id.example")
     good = tokens.hs256(aud="relay", iss="https://id.example")
@@ -73,10 +96,8 @@ def test_rs256_and_es256_with_a_public_key_file(tmp_path: Path) -> None:
     assert auth.authenticate(tokens.rs256()).sub == "alice"
     with pytest.raises(AuthError):
         auth.authenticate(tokens.hs256())  # HS256 signed with anything is not accepted here
-    # Algorithm confusion: an HS256 token "signed" with the public key must fail.
-    confused = jwt.encode(tokens.claims(), tokens.SECRET, algorithm="HS256")
     with pytest.raises(AuthError):
-        auth.authenticate(confused)
+        auth.authenticate(tokens.es256())  # the right family matters: an RSA key checks no ES256
     ec_file = tmp_path / "ec.pem"
     ec_file.write_text(tokens.public_pem(tokens.ec_key()))
     assert (
@@ -85,11 +106,86 @@ def test_rs256_and_es256_with_a_public_key_file(tmp_path: Path) -> None:
 
 
 def test_jwks_picks_the_key_by_kid(tmp_path: Path) -> None:
-    jwks = tokens.write_jwks(tmp_path / "jwks.json", kid="k1")
+    jwks = tokens.write_jwks(tmp_path / "jwks.json", kid="k1", ec_kid="e1")
     auth = Authenticator(Settings(jwt_jwks_file=str(jwks)))
     assert auth.authenticate(tokens.rs256(kid="k1")).sub == "alice"
+    assert auth.authenticate(tokens.es256(kid="e1")).sub == "alice"
+    for wrong in (
+        tokens.rs256(kid="unknown"),
+        tokens.rs256(kid="e1"),  # the EC key's kid on an RS256 token: PyJWT would raise TypeError
+        tokens.es256(kid="k1"),  # and the other way round
+        tokens.crafted({"alg": "ES256", "kid": "k1"}),
+    ):
+        with pytest.raises(AuthError) as refused:
+            auth.authenticate(wrong)
+        assert refused.value.code == CloseCode.UNAUTHORIZED
+
+
+# Algorithm confusion: a verifier that picks the key by the token's `alg` and is handed the public key
+# for an HS256 token would check an HMAC keyed with the public key, which anyone can compute.
+PUBLIC_ONLY_ALGORITHMS = ["", "RS256", "ES256", "RS256,ES256", "HS256", "HS256,RS256", "RS256,HS384,HS256"]
+
+
+def confused_tokens() -> list[str]:
+    """HS256 tokens whose HMAC key is the public key, in the spellings a verifier may hold it in."""
+    pem = tokens.public_pem(tokens.rsa_key()).encode()
+    return [tokens.hmac_signed(key) for key in (pem, pem.strip(), pem.replace(b"\n", b"\r\n"))]
+
+
+def test_the_hand_signed_tokens_are_well_formed_hs256() -> None:
+    # The confusion tests below would prove nothing if relay refused these tokens for their shape:
+    # signed the same way with the shared secret, one is accepted.
+    assert hs_auth().authenticate(tokens.hmac_signed(tokens.SECRET.encode())).sub == "alice"
     with pytest.raises(AuthError):
-        auth.authenticate(tokens.rs256(kid="unknown"))
+        hs_auth().authenticate(tokens.hmac_signed(b"another-secret-of-thirty-two-bytes!!"))
+
+
+@pytest.fixture(params=["public_key_file", "jwks_file"])
+def public_key_settings(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """A pod with only a public key: a PEM file, or a JWKS with that key (and an EC one)."""
+    if request.param == "public_key_file":
+        pem = tmp_path / "rsa.pem"
+        pem.write_text(tokens.public_pem(tokens.rsa_key()))
+        return {"jwt_public_key_file": str(pem)}
+    return {"jwt_jwks_file": str(tokens.write_jwks(tmp_path / "jwks.json", kid="k1", ec_kid="e1"))}
+
+
+@pytest.mark.parametrize("pyjwt_guard", [True, False], ids=["pyjwt-guard", "no-pyjwt-guard"])
+@pytest.mark.parametrize("algorithms", PUBLIC_ONLY_ALGORITHMS)
+def test_an_hs256_token_keyed_with_the_public_key_is_refused(
+    public_key_settings: dict[str, str], algorithms: str, pyjwt_guard: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not pyjwt_guard:
+        # PyJWT refuses a PEM key as an HMAC secret; relay must not depend on it (an older or
+        # newer PyJWT, or a key in another format, may not): without the guard, still refused.
+        monkeypatch.setattr(jwt.algorithms, "is_pem_format", lambda key: False)
+    try:
+        auth = Authenticator(Settings(jwt_algorithms=algorithms, **public_key_settings))  # type: ignore[arg-type]
+    except SettingsError as exc:  # an HS algorithm without a shared secret: the pod does not start
+        assert "HS" in algorithms and "RELAY_JWT_SECRET" in str(exc)
+        return
+    if "RS256" in (algorithms or "RS256"):
+        assert auth.authenticate(tokens.rs256(kid="k1")).sub == "alice"  # the key itself works
+    for token in confused_tokens():
+        with pytest.raises(AuthError) as refused:
+            auth.authenticate(token)
+        assert refused.value.code == CloseCode.UNAUTHORIZED
+
+
+@pytest.mark.parametrize("pyjwt_guard", [True, False], ids=["pyjwt-guard", "no-pyjwt-guard"])
+def test_with_a_secret_and_a_public_key_hs256_is_checked_with_the_secret_only(
+    tmp_path: Path, pyjwt_guard: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not pyjwt_guard:
+        monkeypatch.setattr(jwt.algorithms, "is_pem_format", lambda key: False)
+    pem = tmp_path / "rsa.pem"
+    pem.write_text(tokens.public_pem(tokens.rsa_key()))
+    auth = hs_auth(jwt_public_key_file=str(pem), jwt_algorithms="HS256,RS256")
+    assert auth.authenticate(tokens.hs256()).sub == "alice"
+    assert auth.authenticate(tokens.rs256()).sub == "alice"
+    for token in confused_tokens():
+        with pytest.raises(AuthError):
+            auth.authenticate(token)
 
 
 def test_unreadable_key_files_stop_start_up_with_the_variable_named(tmp_path: Path) -> None:
@@ -128,7 +224,7 @@ def test_origin_allow_list(origin: str | None, allowed: list[str], ok: bool) -> 
 def quotas(**kw: float) -> Quotas:
     values = {
         "connect_rate": 0.0,
-        "publish_rate": 0.0,
+        "frame_rate": 0.0,
         "user_max_connections": 0,
         "user_connect_rate": 0.0,
         "user_publish_rate": 0.0,
@@ -148,11 +244,11 @@ def test_user_connection_cap_counts_open_sockets_only() -> None:
 
 
 def test_connect_and_publish_rates_per_pod_and_per_user() -> None:
-    q = quotas(connect_rate=1, user_connect_rate=0.5, user_publish_rate=1, publish_rate=2)
+    q = quotas(connect_rate=1, user_connect_rate=0.5, user_publish_rate=1, frame_rate=2)
     assert [q.admit(None, 0) for _ in range(3)] == [None, None, "connect_rate"]  # burst of 2
     assert q.admit("u", 10) is None and q.admit("u", 10) == "user_connect_rate"  # burst of 1
-    assert [q.allow_publish("u", 10) for _ in range(3)] == [True, True, False]
-    assert q.allow_publish(None, 10) is True  # the pod's bucket still has tokens left
+    assert [q.allow("u", True, 10) for _ in range(3)] == [True, True, False]
+    assert q.allow(None, True, 10) is True  # the pod's bucket still has tokens left
 
 
 def test_users_without_sockets_are_forgotten() -> None:

@@ -11,7 +11,7 @@ from tests.helpers import metric
 
 
 def conn_for(sock: FakeSocket, outbox: int = 4, **kw: object) -> Connection:
-    return Connection("p.c", sock.send, outbox_size=outbox, close_timeout=0.2, **kw)  # type: ignore[arg-type]
+    return Connection("p.c", sock.send, outbox_size=outbox, **kw)  # type: ignore[arg-type]
 
 
 async def test_a_socket_that_keeps_up_is_written_at_once_without_a_task() -> None:
@@ -59,14 +59,67 @@ async def test_falling_further_behind_than_the_outbox_closes_with_4008() -> None
     assert not conn.offer("e")
 
 
-async def test_a_close_the_socket_cannot_take_abandons_the_connection() -> None:
+async def test_a_close_the_socket_cannot_take_waits_and_records_when_it_began() -> None:
     sock = FakeSocket()
-    stuck = asyncio.Event()
-    conn = conn_for(sock, on_stuck=stuck.set)
+    conn = conn_for(sock)
     sock.writable.clear()
     conn.close(CloseCode.SERVICE_RESTART)
-    await asyncio.wait_for(stuck.wait(), 2)  # after close_timeout (0.2 s)
+    # The pod's reaper cuts the socket once closed_at is RELAY_CLOSE_TIMEOUT old (test_stalled.py).
+    assert conn.state is State.CLOSING and conn.closed_at is not None
     assert sock.close_codes == []
+    sock.writable.set()  # the peer reads again: the close frame goes out after all
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sock.close_codes == [CloseCode.SERVICE_RESTART]
+
+
+async def test_a_backlog_over_its_byte_bound_closes_with_4008() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock, outbox=1000, outbox_bytes=10)
+    sock.writable.clear()
+    assert conn.offer("aaaa")  # in flight: counts until written
+    assert conn.offer("bbbb")  # 8 characters held
+    assert not conn.offer("ccc")  # 11 > 10
+    assert conn.close_code == CloseCode.SLOW_CONSUMER
+
+
+async def test_written_frames_stop_counting_against_the_byte_bound() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock, outbox=1000, outbox_bytes=10)
+    sock.writable.clear()
+    assert conn.offer("aaaa") and conn.offer("bbbb")
+    sock.writable.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sock.texts == ["aaaa", "bbbb"] and conn.backlog == 0
+    sock.writable.clear()
+    assert conn.offer("cccccc") and conn.offer("dddd")  # 10: at the bound, not over it
+    assert conn.state is State.OPEN
+
+
+async def test_a_member_behind_for_longer_than_the_max_age_is_slow() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock, outbox=1000, outbox_max_age=0.05)
+    sock.writable.clear()
+    assert conn.offer("a") and conn.offer("b")
+    await asyncio.sleep(0.06)  # the age bound is the subject: time must pass
+    assert not conn.offer("c")
+    assert conn.close_code == CloseCode.SLOW_CONSUMER
+
+
+async def test_catching_up_resets_the_age_of_the_backlog() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock, outbox=1000, outbox_max_age=0.05)
+    sock.writable.clear()
+    assert conn.offer("a") and conn.offer("b")
+    await asyncio.sleep(0.06)
+    sock.writable.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert conn.backlog == 0
+    sock.writable.clear()
+    assert conn.offer("c") and conn.offer("d")  # a new backlog, young again
+    assert conn.state is State.OPEN
 
 
 async def test_a_failed_write_marks_the_client_gone_and_drops_later_frames() -> None:

@@ -195,7 +195,7 @@ async def test_two_pods_one_group_both_pages_show_the_frame_and_another_group_sh
 
 
 async def test_a_page_shows_the_close_code_when_its_pod_drains(browser: Browser) -> None:
-    async with running_pod(pod_id="pod-drain", drain_delay=0.0, drain_window=0.2) as pod:
+    async with running_pod(pod_id="pod-drain", drain_delay=0.0, drain_window=0.2, api_keys="k") as pod:
         page = (await Console.open(browser, pod, **LAPTOP)).page
         async with page.expect_websocket() as opened:
             await Console(page).connect("room", token="s3cret tok&n")
@@ -203,7 +203,10 @@ async def test_a_page_shows_the_close_code_when_its_pod_drains(browser: Browser)
         assert "s3cret" not in await page.locator("#frames").inner_text()  # the log hides the token
 
         async with httpx.AsyncClient(timeout=5) as client:
-            drained = await client.post(f"http://127.0.0.1:{pod.internal_port}/drain?wait=false")
+            drained = await client.post(
+                f"http://127.0.0.1:{pod.internal_port}/drain?wait=false",
+                headers={"Authorization": "Bearer k"},
+            )
         assert drained.status_code == 202
 
         last_close = page.locator("#last-close")

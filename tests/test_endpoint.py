@@ -10,6 +10,7 @@ import pytest
 import websockets
 
 from service.broker.memory import MemoryBroker, MemoryBus
+from tests.brokers import eventually
 from tests.helpers import join, metric, running_pod, stalled_client, ws_url
 
 pytestmark = pytest.mark.integration
@@ -29,7 +30,7 @@ async def test_group_message_reaches_every_member_and_the_sender_unchanged() -> 
         sent = await a.publish("room_1", payload={"n": [1, 2.5, "é"]})
         assert await a.next() == {"message": sent}
         assert await b.next() == {"message": sent}
-        await other.nothing()
+        await other.nothing_before(await a.publish("room", marker=True))  # "room" is not "room_1"
 
 
 async def test_a_client_may_publish_to_a_group_it_has_not_joined() -> None:
@@ -37,7 +38,7 @@ async def test_a_client_may_publish_to_a_group_it_has_not_joined() -> None:
         member, outsider = await join(ws_url(pod, "/news")), await join(ws_url(pod, "/elsewhere"))
         sent = await outsider.publish("news", headline="hi")
         assert await member.next() == {"message": sent}
-        await outsider.nothing()
+        await outsider.nothing_before(await outsider.publish("elsewhere", marker=True))  # not a member
 
 
 async def test_bad_frames_are_ignored_counted_and_the_connection_stays_open() -> None:
@@ -49,9 +50,7 @@ async def test_bad_frames_are_ignored_counted_and_the_connection_stays_open() ->
         }
         for frame in ("not json", "[1]", '"x"', '{"task": "dance"}', b"\x00\x01"):
             await a.ws.send(frame)
-        await a.nothing(0.2)
-        sent = await a.publish("g", still="open")
-        assert await a.next() == {"message": sent}
+        await a.nothing_before(await a.publish("g", still="open"))  # no error frames for a seed client
         assert metric("relay_messages_received_total", outcome="bad_json") == before["bad_json"] + 1
         assert metric("relay_messages_received_total", outcome="not_object") == before["not_object"] + 2
         assert metric("relay_messages_received_total", outcome="unknown_task") == before["unknown_task"] + 1
@@ -63,8 +62,8 @@ async def test_direct_send_reaches_only_its_channel() -> None:
         sender, target, bystander = [await join(ws_url(pod, "/g")) for _ in range(3)]
         sent = await sender.direct(target.channel_id, note="just you")
         assert await target.next() == {"message": sent}
-        await sender.nothing()
-        await bystander.nothing(0.05)
+        await sender.nothing_before(await sender.direct(sender.channel_id, marker=True))
+        await bystander.nothing_before(await sender.direct(bystander.channel_id, marker=True))
 
 
 async def test_direct_send_to_an_unknown_channel_is_counted_and_ignored() -> None:
@@ -72,7 +71,7 @@ async def test_direct_send_to_an_unknown_channel_is_counted_and_ignored() -> Non
         a = await join(ws_url(pod, "/g"))
         before = metric("relay_send_queue_dropped_total", reason="unknown_channel")
         await a.direct("solo.doesnotexist", x=1)
-        await a.nothing(0.2)
+        await a.nothing_before(await a.direct(a.channel_id, marker=True))  # and the first one was handled
         assert metric("relay_send_queue_dropped_total", reason="unknown_channel") == before + 1
         sent = await a.publish("g", alive=True)
         assert await a.next() == {"message": sent}
@@ -128,15 +127,15 @@ async def test_connections_past_the_cap_close_with_1013_and_readiness_turns_fals
             assert await clients[1].next() == {"message": sent}
 
 
-async def test_publishing_faster_than_the_rate_limit_closes_with_4029() -> None:
-    async with running_pod(publish_rate=1, publish_burst=3) as pod:
+async def test_with_reject_publishing_faster_than_the_rate_limit_closes_with_4029() -> None:
+    async with running_pod(publish_rate=1, publish_burst=3, rate_limit_action="reject") as pod:
         a, watcher = await join(ws_url(pod, "/g")), await join(ws_url(pod, "/g"))
         for i in range(5):
             await a.publish("g", i=i)
         assert await a.close_code() == 4029
         received = [(await watcher.next())["message"]["i"] for _ in range(3)]
         assert received == [0, 1, 2]  # the burst went through, the rest did not
-        await watcher.nothing(0.2)
+        await watcher.nothing_before(await watcher.publish("g", marker=True))
 
 
 async def test_a_client_that_stops_reading_is_closed_as_slow_and_others_keep_up() -> None:
@@ -151,11 +150,7 @@ async def test_a_client_that_stops_reading_is_closed_as_slow_and_others_keep_up(
             seen.append((await fast.next(10))["message"]["i"])
         assert seen == list(range(400))
         assert metric("relay_slow_consumer_disconnects_total") == before + 1
-        for _ in range(100):  # the slow socket is released within close_timeout
-            if pod.pod.hub.connection_count() == 2:
-                break
-            await asyncio.sleep(0.05)
-        assert pod.pod.hub.connection_count() == 2
+        await eventually(lambda: pod.pod.hub.connection_count() == 2)  # the slow socket is released
         slow.close()
 
 
@@ -166,11 +161,8 @@ async def test_a_closed_connection_leaves_its_group() -> None:
         a = await join(ws_url(pod, "/g"))
         assert "g:g" in broker.channels
         await a.ws.close()
-        for _ in range(100):
-            if pod.pod.hub.group_count() == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert pod.pod.hub.group_count() == 0 and "g:g" not in broker.channels
+        await eventually(lambda: pod.pod.hub.group_count() == 0)
+        assert "g:g" not in broker.channels
         b = await join(ws_url(pod, "/g"))
         sent = await b.publish("g", after="close")
         assert await b.next() == {"message": sent}

@@ -11,14 +11,14 @@ from service import channels
 from service.broker.memory import MemoryBroker, MemoryBus
 from service.connection import Connection
 from service.hub import Hub, TooManyGroups
-from tests.fakes import FakeSocket
+from tests.fakes import FakeSocket, GatedBroker
 from tests.helpers import metric
 
 
 class Member:
     def __init__(self, hub: Hub, name: str) -> None:
         self.sock = FakeSocket()
-        self.conn = Connection(f"{hub.pod_id}.{name}", self.sock.send, outbox_size=8, close_timeout=1)
+        self.conn = Connection(f"{hub.pod_id}.{name}", self.sock.send, outbox_size=8)
         hub.register(self.conn)
 
 
@@ -106,17 +106,54 @@ async def test_joining_more_groups_than_allowed_is_refused(
     assert len(a.conn.groups) == 3
 
 
-async def test_join_racing_the_last_leave_ends_subscribed(
-    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
-) -> None:
-    hub, _, broker, _ = pods
+@pytest.fixture
+async def gated() -> AsyncIterator[tuple[Hub, GatedBroker]]:
+    """One hub over a broker whose subscribe/unsubscribe the test can hold open."""
+    broker = GatedBroker(MemoryBus())
+    hub = Hub(broker, "pod-a")
+    await hub.start()
+    run = asyncio.create_task(hub.run())
+    yield hub, broker
+    await broker.close()
+    await run
+
+
+async def test_join_racing_the_last_leave_ends_subscribed(gated: tuple[Hub, GatedBroker]) -> None:
+    """A join that arrives while the last leave is still unsubscribing waits for it, then subscribes
+    again: the pod never ends up unsubscribed from a group that has a member."""
+    hub, broker = gated
     a, b = Member(hub, "a"), Member(hub, "b")
     await hub.join(a.conn, "g")
-    await asyncio.gather(hub.leave(a.conn, "g"), hub.join(b.conn, "g"))
-    assert channels.group("g") in broker.channels
+    broker.hold("unsubscribe")
+    leaving = asyncio.create_task(hub.leave(a.conn, "g"))
+    await broker.arrived("unsubscribe")  # the last leave is inside UNSUBSCRIBE now
+    joining = asyncio.create_task(hub.join(b.conn, "g"))
+    await settle()  # the join runs as far as it can while the unsubscribe is in flight
+    broker.release("unsubscribe")
+    await asyncio.gather(leaving, joining)
+    assert channels.group("g") in broker.channels and hub.channels() == {channels.group("g")}
+    assert broker.calls[-2:] == [("unsubscribe", ("g:g",)), ("subscribe", ("g:g",))]
     await hub.publish("g", "x")
     await settle()
-    assert b.sock.texts == ["x"]
+    assert b.sock.texts == ["x"] and a.sock.texts == []
+
+
+async def test_two_first_joins_racing_subscribe_once_and_both_receive(gated: tuple[Hub, GatedBroker]) -> None:
+    """A second join that arrives while the first one is still subscribing waits for it: one
+    SUBSCRIBE, and neither member is lost."""
+    hub, broker = gated
+    a, b = Member(hub, "a"), Member(hub, "b")
+    broker.hold("subscribe")
+    first = asyncio.create_task(hub.join(a.conn, "g"))
+    await broker.arrived("subscribe")
+    second = asyncio.create_task(hub.join(b.conn, "g"))
+    await settle()
+    broker.release("subscribe")
+    await asyncio.gather(first, second)
+    await hub.publish("g", "x")
+    await settle()
+    assert a.sock.texts == ["x"] and b.sock.texts == ["x"]
+    assert [call for call in broker.calls if call[1] == ("g:g",)] == [("subscribe", ("g:g",))]
 
 
 async def test_a_failed_subscribe_records_nothing(pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker]) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from service.limits import KeyedLock, TokenBucket
 
 
@@ -39,3 +41,17 @@ async def test_keyed_lock_serialises_one_key_and_forgets_it_after() -> None:
     assert order.index("a-") < order.index("b+")  # same key: one after the other
     assert order.index("c+") < order.index("a-")  # another key: not held up
     assert len(locks) == 0
+
+
+def test_reserve_borrows_and_says_how_long_to_wait() -> None:
+    bucket = TokenBucket(rate=10, burst=2, now=0.0)
+    assert [bucket.reserve(0.0) for _ in range(2)] == [0.0, 0.0]  # the burst
+    assert bucket.reserve(0.0) == pytest.approx(0.1)  # one token borrowed: wait 1/rate
+    assert bucket.reserve(0.0) == pytest.approx(0.2)  # waiters queue up behind each other
+    assert bucket.reserve(0.3) == pytest.approx(0.0)  # the debt was repaid by 0.3 s
+    assert bucket.take(0.3) is False  # reserving spent what take would have found
+
+
+def test_reserve_with_zero_rate_never_waits() -> None:
+    bucket = TokenBucket(rate=0, burst=1, now=0.0)
+    assert all(bucket.reserve(0.0) == 0.0 for _ in range(1000))

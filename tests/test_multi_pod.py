@@ -70,10 +70,12 @@ async def test_group_messages_and_direct_sends_cross_three_pods(
         c = await join(ws_url(p2, "/lobby"))
         await exchange(a, "room", [a, b])
         await exchange(c, "room", [a, b])  # a non-member may publish
-        await a.nothing(0.0)
+        marker = await c.publish("room", marker="no copies before me")
+        await a.nothing_before(marker)
+        await b.nothing_before(marker)
         body = await a.direct(c.channel_id, hello="c")
         assert await c.next() == {"message": body}
-        await b.nothing(0.2)
+        await b.nothing_before(await a.direct(b.channel_id, marker="the direct send was not mine"))
         await close_all(a, b, c)
 
 
@@ -90,15 +92,20 @@ async def test_concurrent_publishers_on_two_pods_keep_order_and_never_duplicate(
         async def publish(client: Client, name: str) -> None:
             for n in range(200):
                 await client.publish("race", who=name, n=n)
+            await client.publish("race", who=name, end=True)  # a duplicate would arrive before this
 
         await asyncio.gather(*(publish(c, f"p{i}") for i, c in enumerate(publishers)))
         for member in members:
             seen: dict[str, list[int]] = {}
-            for _ in range(800):
+            ended: set[str] = set()
+            while len(ended) < 4:
                 frame = (await member.next())["message"]
-                seen.setdefault(frame["who"], []).append(frame["n"])
+                assert frame["who"] not in ended, f"{frame} after its publisher's end marker"
+                if frame.get("end"):
+                    ended.add(frame["who"])
+                else:
+                    seen.setdefault(frame["who"], []).append(frame["n"])
             assert seen == {f"p{i}": list(range(200)) for i in range(4)}
-            await member.nothing(0.05)
         await close_all(*members, *publishers)
 
 

@@ -9,13 +9,14 @@ bad frames, a refused handshake, an unknown channel, a backend API request, and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +26,10 @@ import websockets
 import yaml
 
 from tests.charts import CHART, DASHBOARD, of_kind, render, tool
-from tests.helpers import PodProcess, free_port, join, start_pod_process
+from tests.helpers import PodProcess, free_port, join, scrape, start_pod_process, wait_until
 
 pytestmark = pytest.mark.integration
 WINDOW = "2m"  # stands in for $__rate_interval: covers all the traffic of the test
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"gave up waiting for {what} after {timeout} s")
 
 
 class RedisServer:
@@ -136,6 +128,19 @@ class Prometheus:
         self.proc.wait(10)
 
 
+def empty_panels(prometheus: Prometheus, dashboard: dict[str, Any]) -> list[str]:
+    """The dashboard's queries that return no number yet, as "panel title: query"."""
+    empty = []
+    for panel in (p for p in dashboard["panels"] if p["type"] != "row"):
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", WINDOW)
+            expr = expr.replace("$namespace", "realtime").replace("$pod", "relay-.*")
+            values = [s["value"][1] for s in prometheus.query(expr)]
+            if not [v for v in values if v not in ("NaN", "+Inf", "-Inf")]:
+                empty.append(f"{panel['title']}: {expr}")
+    return empty
+
+
 def alert_rules() -> dict[str, Any]:
     [rule] = of_kind(render(CHART / "ci" / "monitoring-values.yaml"), "PrometheusRule")
     spec: dict[str, Any] = rule["spec"]
@@ -203,7 +208,10 @@ async def traffic(pods: dict[str, PodProcess], redis: RedisServer) -> None:
         internal = next(iter(pods.values())).internal_port
         await http.post(f"http://127.0.0.1:{internal}/api/publish", json={"group": "lobby"}, timeout=5)
     redis.kill()  # a short outage: link failures, and a publish the broker cannot carry
-    await asyncio.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while not all(scrape(pod.internal_port, "relay_redis_up") == 0 for pod in pods.values()):
+        assert time.monotonic() < deadline, "the pods never noticed Redis was gone"
+        await asyncio.sleep(0.05)
     await member_a.publish("lobby", during="outage")
     redis.start()
     await member_a.ws.close()
@@ -222,21 +230,23 @@ def test_every_dashboard_query_and_alert_rule_works_on_real_scrapes(
         wait_until(lambda: len(prometheus.query('up{job="relay"} == 1')) == 2, 20, "both pods scraped")
         asyncio.run(traffic(two_pods, redis_server))
         wait_until(lambda: len(prometheus.query("relay_redis_up == 1")) == 2, 20, "Redis links back")
-        time.sleep(3)  # a few more scrapes after the traffic
 
         dashboard = json.loads(DASHBOARD.read_text())
         pods = {s["metric"]["pod"] for s in prometheus.query('relay_build_info{namespace="realtime"}')}
         assert pods == {"relay-a", "relay-b"}  # what the pod variable's label_values query lists
-        empty = []
-        for panel in (p for p in dashboard["panels"] if p["type"] != "row"):
-            for target in panel["targets"]:
-                expr = target["expr"].replace("$__rate_interval", WINDOW)
-                expr = expr.replace("$namespace", "realtime").replace("$pod", "relay-.*")
-                values = [s["value"][1] for s in prometheus.query(expr)]
-                if not [v for v in values if v not in ("NaN", "+Inf", "-Inf")]:
-                    empty.append(f"{panel['title']}: {expr}")
+        # Rates need a scrape or two after the traffic: wait for them, then say which never came.
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: not empty_panels(prometheus, dashboard), 20, "dashboard data", interval=0.5)
+        empty = empty_panels(prometheus, dashboard)
         assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
 
+        # The alerts below must come from rules evaluated on that data: one more round of every group.
+        seen = {g["name"]: g["lastEvaluation"] for g in prometheus.api("rules")["groups"]}
+        wait_until(
+            lambda: all(g["lastEvaluation"] != seen[g["name"]] for g in prometheus.api("rules")["groups"]),
+            10,
+            "the rule groups to be evaluated again",
+        )
         groups = prometheus.api("rules")["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
         assert len(rules) == 7

@@ -10,7 +10,7 @@ import websockets
 
 from service.client import RelayClient, RelayError
 from tests import tokens
-from tests.helpers import join, metric, running_pod, start_pod_process, ws_url
+from tests.helpers import Client, join, metric, running_pod, start_pod_process, ws_url
 
 pytestmark = pytest.mark.integration
 
@@ -22,6 +22,19 @@ async def closed_with(url: str, **options: object) -> int | None:
             await asyncio.wait_for(ws.recv(), 5)
     except websockets.ConnectionClosed as exc:
         return exc.rcvd.code if exc.rcvd else None
+
+
+async def join_once_admitted(url: str, refused_with: int, timeout: float = 5.0) -> Client:
+    """Join `url` as soon as the pod admits it (it frees a slot a moment after the client has seen
+    its close); until then every try must be refused with `refused_with`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await join(url)
+        except websockets.ConnectionClosed as exc:
+            assert exc.rcvd is not None and exc.rcvd.code == refused_with, exc
+            assert time.monotonic() < deadline, f"still refused after {timeout} s"
+            await asyncio.sleep(0.01)
 
 
 async def test_v1_join_publish_leave_with_acks_and_group_in_every_frame() -> None:
@@ -38,10 +51,8 @@ async def test_v1_join_publish_leave_with_acks_and_group_in_every_frame() -> Non
         await a.leave("chat")
         await b.publish("chat", {"text": "after"})
         assert (await b.receive(5)).message["text"] == "after"
-        with pytest.raises(TimeoutError):
-            await a.receive(0.3)
         await b.send(a.channel_id, {"text": "direct"})
-        direct = await a.receive(5)
+        direct = await a.receive(5)  # b's frames keep their order: "after" would have come first
         assert direct.group is None and direct.message["text"] == "direct"
         await a.close()
         await b.close()
@@ -63,9 +74,8 @@ async def test_v1_clients_get_errors_without_a_ref_and_seed_clients_get_none() -
             '{"task": "send_message_to_group", "group_name": "bad name"}',
         ):
             await seed.ws.send(frame)
-        await seed.nothing(0.3)
-        sent = await seed.publish("g", plain=True)
-        assert await seed.next() == {"message": sent}  # exactly the seed form: no group, no ack
+        # No error frames before it, and exactly the seed form: no group, no ack.
+        await seed.nothing_before(await seed.publish("g", plain=True))
         await v1.close()
 
 
@@ -81,7 +91,7 @@ async def test_a_seed_client_that_sends_a_ref_gets_an_ack_and_errors() -> None:
 
 
 async def test_too_many_groups_and_rate_limits_are_errors_for_v1_clients() -> None:
-    async with running_pod(max_groups=2, publish_rate=1, publish_burst=4) as pod:
+    async with running_pod(max_groups=2, publish_rate=1, publish_burst=4, rate_limit_action="reject") as pod:
         client = await RelayClient.connect(ws_url(pod, "/a"))
         await client.join("b")
         with pytest.raises(RelayError) as too_many:
@@ -112,7 +122,8 @@ async def test_authentication_refuses_missing_bad_expired_and_unpermitted_tokens
         )
         sent = await ok.publish("chat", x=1)  # allowed by the publish claim
         assert await other.next() == {"message": sent}
-        await ok.nothing(0.2)
+        marker = await join(ws_url(pod, "/chat?token=" + tokens.hs256(sub="m", direct=True)))
+        await ok.nothing_before(await marker.direct(ok.channel_id, marker=True))  # no ack, not in chat
 
 
 async def test_publish_and_direct_permissions_come_from_the_token() -> None:
@@ -156,8 +167,7 @@ async def test_per_user_connection_cap_and_connect_rate() -> None:
         bob = ws_url(pod, "/chat?token=" + tokens.hs256(sub="bob"))
         await join(bob)  # another user is not affected
         await first.ws.close()
-        await asyncio.sleep(0.2)
-        await join(url)  # a slot is free again
+        await join_once_admitted(url, refused_with=4030)  # a slot is free again
     async with running_pod(connect_rate=1) as pod:  # bursts of 2 per pod
         await join(ws_url(pod, "/g"))
         await join(ws_url(pod, "/g"))

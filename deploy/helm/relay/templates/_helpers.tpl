@@ -137,10 +137,11 @@ app.kubernetes.io/component: redis
 {{- else if and .Values.externalRedis.password (not .Values.externalRedis.existingSecret) }}true{{ end }}
 {{- end }}
 
-{{/* Shortest grace period that covers the drain: delay + window + close timeout + 1 s (pod.py). */}}
+{{/* Shortest grace period that covers the drain: delay + window + 1.25 x close timeout + 1 s (pod.py
+waits that long for the last sockets: stalled ones are cut between 1 and 1.25 close timeouts). */}}
 {{- define "relay.drainSeconds" -}}
 {{- $r := .Values.relay }}
-{{- addf $r.drainDelay $r.drainWindow $r.closeTimeout 1 | ceil | int }}
+{{- addf $r.drainDelay $r.drainWindow (mulf $r.closeTimeout 1.25) 1 | ceil | int }}
 {{- end }}
 
 {{- define "relay.terminationGracePeriodSeconds" -}}
@@ -148,7 +149,7 @@ app.kubernetes.io/component: redis
 {{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
 {{- add $drain 15 }}
 {{- else if le (int .Values.terminationGracePeriodSeconds) (add $drain 5) }}
-{{- fail (printf "relay: terminationGracePeriodSeconds=%d must exceed relay.drainDelay + relay.drainWindow + relay.closeTimeout + 1 (%d s) by more than 5 s, or the kubelet kills pods mid-drain" (int .Values.terminationGracePeriodSeconds) $drain) }}
+{{- fail (printf "relay: terminationGracePeriodSeconds=%d must exceed relay.drainDelay + relay.drainWindow + 1.25 x relay.closeTimeout + 1 (%d s) by more than 5 s, or the kubelet kills pods mid-drain" (int .Values.terminationGracePeriodSeconds) $drain) }}
 {{- else }}
 {{- .Values.terminationGracePeriodSeconds }}
 {{- end }}
