@@ -345,14 +345,14 @@ async def relay_cluster(env: Env) -> AsyncIterator[Publisher]:
     """relay's publish path on a cluster: one pipelined connection per primary, routed by hash slot."""
     assert env.cluster is not None
     topology = ClusterTopology(tuple(env.cluster))
-    conns = [await RespConnection.open(a, OPTIONS) for a in await topology.discover(OPTIONS)]
+    by_node = {a: await RespConnection.open(a, OPTIONS) for a in await topology.discover(OPTIONS)}
     route = topology.route
     try:
         yield _relay_publisher(
-            lambda channel, payload: conns[route(channel)].send(b"SPUBLISH", channel, payload)
+            lambda channel, payload: by_node[route(channel)].send(b"SPUBLISH", channel, payload)  # type: ignore[index]
         )
     finally:
-        for conn in conns:
+        for conn in by_node.values():
             conn.close()
             await conn.wait_closed()
 
@@ -469,8 +469,8 @@ async def _feed(kind: str, addresses: list[Address], groups: int, size: int) -> 
     channels, payload = channel_names(groups), relay_payload(size)
     if kind == "cluster":
         topology = ClusterTopology(tuple(addresses))
-        conns = [await RespConnection.open(a, OPTIONS) for a in await topology.discover(OPTIONS)]
-        targets = [(conns[topology.route(c)], c) for c in channels]
+        by_node = {a: await RespConnection.open(a, OPTIONS) for a in await topology.discover(OPTIONS)}
+        targets = [(by_node[topology.route(c)], c) for c in channels]  # type: ignore[index]
         command = b"SPUBLISH"
     else:
         conn = await RespConnection.open(addresses[0], OPTIONS)
@@ -607,10 +607,13 @@ async def custom_receive(env: Env, kind: str, rate: float) -> tuple[int, Meter, 
         if kind == "cluster":
             assert env.cluster is not None
             topology = ClusterTopology(tuple(env.cluster))
-            for address in await topology.discover(OPTIONS):
-                conns.append(await RespConnection.open(address, OPTIONS, on_push=on_push))
+            by_node = {
+                address: await RespConnection.open(address, OPTIONS, on_push=on_push)
+                for address in await topology.discover(OPTIONS)
+            }
+            conns.extend(by_node.values())
             for channel in env.channels:
-                conns[topology.route(channel)].write(b"SSUBSCRIBE", channel)
+                by_node[topology.route(channel)].write(b"SSUBSCRIBE", channel)  # type: ignore[index]
         else:
             conns.append(await RespConnection.open(env.single, OPTIONS, on_push=on_push))
             conns[0].write(b"SUBSCRIBE", *env.channels)

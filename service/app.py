@@ -53,8 +53,14 @@ def create_internal_app(pod: Pod) -> Starlette:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(request: Request) -> Response:
-        # The event loop answered: that is all liveness means. Never depends on the broker.
-        return JSONResponse({"status": "ok", "pod": pod.settings.pod_id})
+        # The event loop answered, and the tasks that carry messages still run. Never depends on
+        # Redis being reachable (that is readiness): only on relay still trying to reach it.
+        checks = pod.liveness()
+        alive = all(checks.values())
+        return JSONResponse(
+            {"status": "ok" if alive else "failed", "pod": pod.settings.pod_id, "checks": checks},
+            status_code=200 if alive else 503,
+        )
 
     async def readyz(request: Request) -> Response:
         checks = pod.readiness()

@@ -14,7 +14,7 @@ import time
 import structlog
 
 from service import channels, metrics
-from service.broker import Broker, Envelope
+from service.broker import Broker, BrokerUnavailable, Envelope
 from service.connection import Connection
 from service.limits import KeyedLock
 from service.protocol import group_frame, pod_of
@@ -54,8 +54,12 @@ class Hub:
         return set(self._members)
 
     async def start(self) -> None:
-        """Listen on this pod's own channel for direct sends; call once before `run`."""
-        await self._broker.subscribe(channels.pod(self.pod_id))
+        """Listen on this pod's own channel for direct sends; call once before `run`. With the
+        broker down the channel stays wanted and is subscribed as soon as the link is up."""
+        try:
+            await self._broker.subscribe(channels.pod(self.pod_id))
+        except BrokerUnavailable:
+            log.warning("hub.pod_channel_pending", reason="broker unavailable at start")
 
     def register(self, conn: Connection) -> None:
         """Make `conn` reachable by direct send."""
@@ -64,8 +68,8 @@ class Hub:
         metrics.CONNECTIONS.set(len(self._connections))
 
     async def join(self, conn: Connection, group: str) -> None:
-        """Add `conn` to `group`; the first local member subscribes the pod. If the broker refuses,
-        nothing was recorded and the error propagates."""
+        """Add `conn` to `group`; the first local member subscribes the pod. If the broker cannot
+        confirm that (BrokerUnavailable), nothing was recorded and the error propagates."""
         channel = channels.group(group)
         if channel in conn.groups:
             return
@@ -76,7 +80,11 @@ class Hub:
             async with self._locks.hold(channel):
                 members = self._members.get(channel)
                 if not members:
-                    await self._broker.subscribe(channel)
+                    try:
+                        await self._broker.subscribe(channel)
+                    except BrokerUnavailable:
+                        await self._broker.unsubscribe(channel)  # nobody here wants it after all
+                        raise
                     members = self._members[channel] = set()
                     metrics.GROUPS.set(len(self._members))
         members.add(conn)

@@ -83,8 +83,12 @@ REDIS_RECONNECTS = Counter("relay_redis_reconnects", "Times the Redis link came 
 REDIS_LINK_FAILURES = Counter(
     "relay_redis_link_failures",
     "Times the Redis link was declared dead or an attempt to open it failed, by reason",
-    ["reason"],  # connection_lost | probe_timeout | publish_timeout | subscribe_timeout | not_master |
-    # topology_changed | connect_failed
+    ["reason"],  # connection_lost | protocol_error | probe_timeout | publish_timeout | subscribe_timeout |
+    # subscribe_refused | not_master | loading | topology_changed | connect_failed | error
+)
+REDIS_SLOT_MAP_REFRESHES = Counter(
+    "relay_redis_slot_map_refreshes",
+    "Times a cluster link followed a changed slot map (MOVED, a slot moved away) without reconnecting",
 )
 REDIS_PUBLISH_DURATION = Histogram(
     "relay_redis_publish_duration_seconds",

@@ -52,6 +52,7 @@ class Pod:
         self.stopped = asyncio.Event()  # set once the drain is over: the servers exit
         self._run: asyncio.Task[None] | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._stopping = False  # stop() has begun: the pod's tasks end on purpose
         self._drain: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -59,6 +60,14 @@ class Pod:
         loop = asyncio.get_running_loop()
         self._run = loop.create_task(self.hub.run(), name="hub.run")
         self._reaper = loop.create_task(self._reap(), name="pod.reaper")
+        for task in (self._run, self._reaper):
+            task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        if self._stopping:
+            return  # the pod is stopping: these end with it
+        error = None if task.cancelled() else task.exception()
+        log.error("pod.task_stopped", task=task.get_name(), error=type(error).__name__ if error else None)
 
     async def _reap(self) -> None:
         """Cut (TCP reset) every socket that has been closing for longer than RELAY_CLOSE_TIMEOUT.
@@ -89,6 +98,16 @@ class Pod:
         if self.hub.connection_count() >= self.settings.max_connections:
             return "capacity"
         return None
+
+    def liveness(self) -> dict[str, bool]:
+        """Each liveness check by name: the tasks that carry messages must still be running (the
+        event loop answering is implied by the question being answered at all)."""
+        stopping = self._stopping or self._drain is not None
+        return {
+            "delivery": stopping or (self._run is not None and not self._run.done()),
+            "reaper": stopping or (self._reaper is not None and not self._reaper.done()),
+            "broker": self.broker.alive,
+        }
 
     def readiness(self) -> dict[str, bool]:
         """Each readiness check by name; the pod is ready when all are true."""
@@ -144,6 +163,7 @@ class Pod:
         """Close the broker (ending hub.run) and tell the servers to exit. Idempotent."""
         if self.stopped.is_set():
             return
+        self._stopping = True
         if self._reaper is not None:
             self._reaper.cancel()
         await self.broker.close()

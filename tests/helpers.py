@@ -102,6 +102,16 @@ class Client:
             return exc.rcvd.code if exc.rcvd else None
 
 
+async def closed_with(url: str, **options: Any) -> int | None:
+    """Open a socket the pod is expected to refuse: the close code it sends after the handshake."""
+    async with websockets.connect(url, open_timeout=5, **options) as ws:
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), 5)
+        except websockets.ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd else None
+
+
 async def join(url: str, **options: Any) -> Client:
     ws = await websockets.connect(url, open_timeout=5, **options)
     welcome = json.loads(await asyncio.wait_for(ws.recv(), 5))

@@ -15,7 +15,6 @@ may contain a token that was sent, the JWT secret, the API key or the Redis pass
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -33,7 +32,6 @@ from urllib.parse import quote, unquote
 
 import httpx
 import pytest
-import websockets
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -41,7 +39,16 @@ from structlog.testing import capture_logs
 from service.auth import origin_allowed, origin_of, token_from
 from service.protocol import SUBPROTOCOL, CloseCode, group_from_path
 from tests import tokens
-from tests.helpers import PodProcess, join, metric, running_pod, scrape, start_pod_process, ws_url
+from tests.helpers import (
+    PodProcess,
+    closed_with,
+    join,
+    metric,
+    running_pod,
+    scrape,
+    start_pod_process,
+    ws_url,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -515,15 +522,6 @@ def test_every_handshake_gets_a_documented_answer_and_no_secret_is_logged(level:
 
 
 # -- the answers the fuzz relies on, one by one --------------------------------------------------
-
-
-async def closed_with(url: str, **options: Any) -> int | None:
-    async with websockets.connect(url, open_timeout=5, **options) as ws:
-        try:
-            while True:
-                await asyncio.wait_for(ws.recv(), 5)
-        except websockets.ConnectionClosed as exc:
-            return exc.rcvd.code if exc.rcvd else None
 
 
 async def test_every_malformed_token_is_closed_with_4501_and_counted() -> None:

@@ -15,11 +15,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-import websockets
 
 from service import transport
 from service.protocol import CloseCode
-from tests.helpers import join, metric, running_pod, stalled_client, ws_url
+from tests.helpers import closed_with, join, metric, running_pod, stalled_client, ws_url
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +84,7 @@ async def test_a_slow_consumer_counts_until_its_socket_is_cut_after_the_close_ti
         # still there, so it still counts: the pod is full.
         assert server_side_established(pod.port, slow)
         assert hub.connection_count() == 3
-        assert await _connect_code(ws_url(pod, "/g")) == 1013
+        assert await closed_with(ws_url(pod, "/g")) == 1013
         # After the close timeout it is cut with a reset, and only then released.
         await until(lambda: not server_side_established(pod.port, slow), 5, "the stalled socket to be cut")
         waited = time.monotonic() - closed_at
@@ -150,13 +149,3 @@ async def test_every_uvicorn_websocket_implementation_exposes_what_the_reaper_ne
             await until(lambda c=conn: transport.gone(c.send), 2, f"{impl}: the aborted socket to go")  # type: ignore[misc]
             assert await client.close_code() in (None, 1006), impl
             await until(lambda: pod.pod.hub.connection_count() == 0, 2, f"{impl}: release")
-
-
-async def _connect_code(url: str) -> int | None:
-    """Open a socket expecting to be refused: the close code relay sends right after the handshake."""
-    async with websockets.connect(url, open_timeout=5) as ws:
-        try:
-            await asyncio.wait_for(ws.recv(), 5)
-        except websockets.ConnectionClosed as exc:
-            return exc.rcvd.code if exc.rcvd else None
-    return None

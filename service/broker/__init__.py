@@ -43,7 +43,9 @@ class Broker(Protocol):
         ...
 
     async def subscribe(self, *channels: str) -> None:
-        """Start receiving these channels; returns once the bus has confirmed it."""
+        """Start receiving these channels; returns once the bus has confirmed it. Raises
+        BrokerUnavailable when it cannot confirm (the link is down); the channels stay wanted and
+        are subscribed when the link is back, so a caller that gives up must unsubscribe them."""
         ...
 
     async def unsubscribe(self, *channels: str) -> None:
@@ -57,6 +59,12 @@ class Broker(Protocol):
     @property
     def ready(self) -> bool:
         """True while the link to the bus is proven to work; `/readyz` follows it."""
+        ...
+
+    @property
+    def alive(self) -> bool:
+        """False once the broker can never deliver again (the task that keeps its link up has
+        stopped): `/healthz` fails, so Kubernetes restarts the pod."""
         ...
 
     async def close(self) -> None:

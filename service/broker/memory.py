@@ -67,6 +67,10 @@ class MemoryBroker:
         return not self._closed
 
     @property
+    def alive(self) -> bool:
+        return True  # nothing in process can stop delivering on its own
+
+    @property
     def channels(self) -> frozenset[str]:
         """What this broker is subscribed to (tests check that nothing is left behind)."""
         return frozenset(self._channels)

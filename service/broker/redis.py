@@ -1,14 +1,21 @@
 """RedisBroker: the pods' shared bus over Redis pub/sub (one server, Sentinel, or Cluster shards).
 
-Per primary the link holds two connections: one for PUBLISH (pipelined: every publish queued in
+Per primary the link holds two connections: one for commands (pipelined: every publish queued in
 one event-loop turn leaves in one write; replies come back in order, so per-publisher order holds)
 and one pub/sub connection, read by a protocol callback that turns each chunk into envelopes.
-A supervisor task opens the link, re-subscribes every wanted channel in batches, proves the link
-with a probe, then watches it: a closed socket, a probe that does not come back within
-`redis_timeout` after `redis_probe_interval` of silence, or a publish left unanswered as long,
-all end the link; it is reopened with jittered exponential backoff. Pub/sub is at-most-once:
-what cannot be carried is counted in `relay_broker_lost_total` and logged once per outage.
-See docs/redis.md.
+A supervisor task opens the link, subscribes every wanted channel in batches (each confirmed within
+`redis_timeout`), proves the link with a probe, then watches it: a closed socket, a protocol error,
+a probe that does not come back within `redis_timeout` after `redis_probe_interval` of silence, a
+publish left unanswered as long, or a Sentinel master that is no longer one, all end the link; it is
+reopened with jittered exponential backoff. The supervisor survives any error (logged, counted,
+retried), and `alive` turns false if it ever stops, so liveness fails instead of a pod that looks
+healthy and never reconnects.
+
+In a cluster, a MOVED reply refreshes the slot map and the command is sent again; ASK sends it once
+to the importing node after ASKING, as the Cluster spec says; new primaries are connected and the
+subscriptions of moved slots follow them, while the rest of the link carries on. Pub/sub is
+at-most-once: what cannot be carried is counted in `relay_broker_lost_total` and logged once per
+outage. See docs/redis.md.
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import structlog
 
 from service import metrics
 from service.broker import BrokerUnavailable, Envelope, wire
+from service.broker.link import NOT_HERE, _Link, _Node, error_kind, redirect
 from service.broker.resp import Address, ConnectionLost, ConnectOptions, Push, ReplyError, RespConnection
 from service.broker.topology import Topology
 
@@ -33,64 +41,10 @@ log = structlog.get_logger("relay.broker")
 
 BACKOFF_MIN = 0.05  # first retry delay; doubles up to redis_backoff_max
 STABLE_AFTER = 2.0  # a link that lived this long resets the backoff
-SUBSCRIBE_BATCH = 1000  # channels per SUBSCRIBE command when re-subscribing
+SUBSCRIBE_BATCH = 1000  # channels per SUBSCRIBE, and per batch confirmed within redis_timeout
+SUBSCRIBE_WINDOW = 8  # batches in flight at once
 MAX_BACKLOG = 200_000  # envelopes read from Redis but not yet taken by the hub
-
-
-class _Node:
-    """The link to one primary: a publish connection and a pub/sub connection."""
-
-    def __init__(self, address: Address, probe_channel: bytes) -> None:
-        self.address = address
-        self.probe_channel = probe_channel
-        self.pub: RespConnection
-        self.sub: RespConnection
-        self.subscribed: set[bytes] = set()  # asked of Redis on this link (probe channel included)
-        self.probe: tuple[str, float] | None = None  # nonce and monotonic send time
-        self.answered = asyncio.Event()  # set when the probe came back (or the link ended)
-
-
-class _Link:
-    """One life of the connection to Redis: from opening to the first failure. Never reused."""
-
-    def __init__(self) -> None:
-        self.nodes: list[_Node] = []
-        self.broken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.waiters: dict[bytes, deque[asyncio.Future[None]]] = {}
-        self.monitor: asyncio.Task[None] | None = None
-        self.failed = False
-
-    def fail(self, reason: str) -> None:
-        """End this link (idempotent): close every connection, release everyone waiting on it."""
-        if self.failed:
-            return
-        self.failed = True
-        if not self.broken.done():
-            self.broken.set_result(reason)
-        for node in self.nodes:
-            node.answered.set()
-        for conn in self.connections():
-            conn.close()
-        for waiters in self.waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)  # the channel stays wanted: the next link subscribes it
-        self.waiters.clear()
-        if self.monitor is not None and self.monitor is not asyncio.current_task():
-            self.monitor.cancel()
-
-    def connections(self) -> list[RespConnection]:
-        return [c for n in self.nodes for c in (getattr(n, "pub", None), getattr(n, "sub", None)) if c]
-
-    async def wait_closed(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(c.wait_closed() for c in self.connections())), 1.0)
-
-    def expect(self, channel: bytes) -> asyncio.Future[None]:
-        """A future resolved by Redis's next (un)subscribe confirmation for `channel`."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.waiters.setdefault(channel, deque()).append(waiter)
-        return waiter
+MAX_REDIRECTS = 5  # MOVED/ASK hops for one command before it is given up
 
 
 class RedisBroker:
@@ -115,6 +69,9 @@ class RedisBroker:
         self._probe_interval = probe_interval
         self._backoff_max = backoff_max
         self._publish = b"SPUBLISH" if topology.sharded else b"PUBLISH"
+        self._subscribe = (
+            (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if topology.sharded else (b"SUBSCRIBE", b"UNSUBSCRIBE")
+        )
         self._wanted: dict[bytes, str] = {}  # Redis channel -> logical channel
         self._link: _Link | None = None
         self._up = asyncio.Event()
@@ -134,63 +91,83 @@ class RedisBroker:
     def ready(self) -> bool:
         return self._link is not None
 
-    async def publish(self, envelope: Envelope, *, resend: bool = True) -> int:
-        link = self._link
-        if link is None and self._down_since is None:  # never connected yet: wait for the first link
-            self._start()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._up.wait(), self._timeout)
-            link = self._link
-        if link is None:
-            self._refused += 1
-            metrics.BROKER_LOST.labels("link_down").inc()
-            raise BrokerUnavailable("the Redis link is down")
+    @property
+    def alive(self) -> bool:
+        supervisor = self._supervisor
+        return self._closed or supervisor is None or not supervisor.done()
+
+    async def publish(self, envelope: Envelope) -> int:
         channel = self._prefix + envelope.channel.encode()
-        node = link.nodes[self._topology.route(channel)]
         started = time.perf_counter()
-        try:
-            reached = await node.pub.send(self._publish, channel, wire.encode(envelope))
-        except ConnectionLost:
-            self._in_flight_lost += 1
-            metrics.BROKER_LOST.labels("in_flight").inc()
-            raise BrokerUnavailable("the Redis link was lost before Redis answered") from None
-        except ReplyError as exc:
-            moved = str(exc).startswith(("MOVED", "ASK"))
-            if moved or str(exc).startswith("CLUSTERDOWN"):
-                link.fail("topology_changed")
-            if moved and resend and await self._next_link(link):
-                # The slot moved (resharding, or a failover seen here first): the new link follows
-                # the new slot map, so send once more. The caller awaits this publish before its
-                # next one, so its order holds.
-                return await self.publish(envelope, resend=False)
-            metrics.BROKER_LOST.labels("rejected").inc()
-            raise BrokerUnavailable(f"Redis refused the publish: {exc}") from None
+        reached = await self.command(channel, self._publish, channel, wire.encode(envelope))
         metrics.REDIS_PUBLISH_DURATION.observe(time.perf_counter() - started)
         return int(reached)
 
-    async def _next_link(self, old: _Link) -> bool:
-        """Wait, at most the Redis timeout, for a link other than `old` to be up."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._timeout):
-                if self._link is old:  # the supervisor has not yet seen `old` fail
-                    await self._down.wait()
-                await self._up.wait()
-        return self._link is not None and self._link is not old
+    async def command(self, key: bytes, *args: bytes | str | int) -> Any:
+        """Run one command on the primary that owns `key` (its slot, in a cluster) and return the
+        reply. MOVED refreshes the slot map and sends it again; ASK sends it once to the importing
+        node after ASKING; an error that means "not carried out here" (READONLY, LOADING,
+        CLUSTERDOWN, MASTERDOWN) ends the link and sends it once more on the next. BrokerUnavailable
+        when it cannot be carried; the loss is counted."""
+        link = await self._usable_link()
+        ask: Address | None = None
+        resent = False
+        for _ in range(MAX_REDIRECTS):
+            try:
+                if ask is not None:
+                    node = await self._node(link, ask)
+                    node.pub.send(b"ASKING").add_done_callback(_ignore)  # same write as the command
+                else:
+                    node = await self._node(link, self._topology.route(key))
+                return await node.pub.send(*args)
+            except ConnectionLost:
+                self._in_flight_lost += 1
+                metrics.BROKER_LOST.labels("in_flight").inc()
+                raise BrokerUnavailable("the Redis link was lost before Redis answered") from None
+            except ReplyError as exc:
+                moved = redirect(exc, node.address)
+                if moved is not None and moved[0] == "MOVED":
+                    self._topology.moved(moved[1], moved[2])
+                    self._refresh_soon(link)  # one slot told us; the others probably moved too
+                    ask = None
+                    continue
+                if moved is not None:  # ASK: this once, to the importing node; the map stands
+                    ask = moved[2]
+                    continue
+                reason = NOT_HERE.get(error_kind(exc))
+                if reason is not None:
+                    link.fail(reason)  # this link cannot carry it: rebuild it, whatever happens next
+                    next_link = None if resent else await self._next_link(link)
+                    if next_link is not None:
+                        link, resent, ask = next_link, True, None
+                        continue
+                metrics.BROKER_LOST.labels("rejected").inc()
+                raise BrokerUnavailable(f"Redis refused the command: {exc}") from None
+        metrics.BROKER_LOST.labels("rejected").inc()
+        raise BrokerUnavailable(f"Redis redirected the command more than {MAX_REDIRECTS} times")
 
     async def subscribe(self, *channels: str) -> None:
-        """Returns once Redis confirmed; while the link is down, at once: the channels are recorded
-        and subscribed, with every other wanted channel, before the link is declared up again."""
+        """Returns once Redis confirmed. While the link is down (after a first connect has had up to
+        `redis_timeout` to succeed) raises BrokerUnavailable; the channels stay wanted either way,
+        so the next link subscribes them: a caller that gives up unsubscribes."""
         names = [self._prefix + c.encode() for c in channels]
         self._wanted.update(zip(names, channels, strict=True))
         metrics.REDIS_SUBSCRIPTIONS.set(len(self._wanted))
         self._start()
         link = self._link
-        if link is None:
-            if self._connecting:  # a first connect or a reconnect is under way: it takes these too
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._up.wait(), self._timeout)
-            return
-        await self._sync(link, names, ())
+        if link is None and self._connecting:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._up.wait(), self._timeout)
+            link = self._link
+        for _ in range(2):  # once more if a slot moved under the first attempt
+            if link is None or link.failed:
+                break
+            if await self._subscribe_on(link, names):
+                return
+            if link.refreshing is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(link.refreshing)
+        raise BrokerUnavailable("the Redis link is down: the subscription could not be confirmed")
 
     async def unsubscribe(self, *channels: str) -> None:
         names = [self._prefix + c.encode() for c in channels]
@@ -198,8 +175,13 @@ class RedisBroker:
             self._wanted.pop(name, None)
         metrics.REDIS_SUBSCRIPTIONS.set(len(self._wanted))
         link = self._link
-        if link is not None:
-            await self._sync(link, (), names)
+        if link is None:
+            return  # the next link subscribes only what is wanted
+        for node in list(link.nodes.values()):
+            asked = [n for n in names if n in node.subscribed]
+            if asked and not await self._sync(link, node, (), asked):
+                link.fail("subscribe_timeout")
+                return
 
     async def messages(self) -> AsyncIterator[Envelope]:
         self._start()
@@ -233,57 +215,72 @@ class RedisBroker:
         if self._supervisor is None and not self._closed:
             self._connecting = True
             self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="redis.link")
+            self._supervisor.add_done_callback(self._supervisor_ended)
+
+    def _supervisor_ended(self, task: asyncio.Task[None]) -> None:
+        if not self._closed:  # it must never end while the broker is open: liveness now fails
+            error = None if task.cancelled() else task.exception()
+            log.error("broker.supervisor_stopped", error=type(error).__name__ if error else "cancelled")
 
     async def _supervise(self) -> None:
         delay = BACKOFF_MIN
         failures = 0
         while not self._closed:
-            self._connecting = True
             try:
-                link = await self._open()
+                self._connecting = True
+                try:
+                    link = await self._open()
+                finally:
+                    self._connecting = False
+                if self._closed:
+                    link.fail("closed")
+                    await link.wait_closed()
+                    return
+                opened = time.monotonic()
+                self._went_up(link, failures)
+                failures = 0
+                reason = await asyncio.shield(link.broken)  # cancelling the supervisor must not end it
+                self._went_down(link, reason)
+                if time.monotonic() - opened > STABLE_AFTER:
+                    delay = BACKOFF_MIN
+                continue
+            except asyncio.CancelledError:
+                if self._closed:
+                    return
+                raise
             except (OSError, TimeoutError, ConnectionLost, ReplyError) as exc:
-                self._connecting = False
                 failures += 1
                 metrics.REDIS_LINK_FAILURES.labels("connect_failed").inc()
                 if failures == 1:
                     log.warning("broker.connect_failed", error=str(exc) or type(exc).__name__, retry_in=delay)
-                await asyncio.sleep(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, self._backoff_max)
-                continue
-            self._connecting = False
-            if self._closed:
-                link.fail("closed")
-                await link.wait_closed()
-                return
-            opened = time.monotonic()
-            self._went_up(link, failures)
-            failures = 0
-            reason = await asyncio.shield(link.broken)  # cancelling the supervisor must not end it
-            self._went_down(link, reason)
-            if time.monotonic() - opened > STABLE_AFTER:
-                delay = BACKOFF_MIN
+            except Exception:  # a bug, or a reply nobody foresaw: never the end of the link
+                failures += 1
+                metrics.REDIS_LINK_FAILURES.labels("error").inc()
+                log.exception("broker.supervisor_error", retry_in=delay)
+                if self._link is not None:
+                    self._went_down(self._link, "error")
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, self._backoff_max)
 
     async def _open(self) -> _Link:
         link = _Link()
         try:
             addresses = await self._topology.discover(self._options)
-            for index, address in enumerate(addresses):
-                node = _Node(address, self._topology.probe_channel(self._probe_base, index))
-                lost = self._on_lost(link)
-                name = f"relay:{self._pod_id}"
-                node.pub = await RespConnection.open(address, self._options, name=name, on_lost=lost)
-                link.nodes.append(node)
-                node.sub = await RespConnection.open(
-                    address, self._options, name=name, on_push=self._on_push(link, node), on_lost=lost
-                )
+            for address in addresses:
+                await self._open_node(link, address)
             if self._topology.checks_role:
-                role = await link.nodes[0].pub.call(b"ROLE", timeout=self._timeout)
+                first = link.nodes[addresses[0]]
+                role = await first.pub.call(b"ROLE", timeout=self._timeout)
+                first.role_checked = time.monotonic()
                 if role[0] != b"master":
                     raise ConnectionLost(f"{addresses[0]} is not a master yet")
-            await self._sync(link, [n.probe_channel for n in link.nodes], (), raw=True)
-            await self._reconcile(link)
-            await asyncio.wait_for(asyncio.gather(*(self._probe(link, n) for n in link.nodes)), self._timeout)
-            await self._reconcile(link)  # channels wanted or dropped while the probe was out
+            if not await self._reconcile(link):
+                raise ConnectionLost("Redis did not confirm the subscriptions in time")
+            await asyncio.wait_for(
+                asyncio.gather(*(self._probe(node) for node in link.nodes.values())), self._timeout
+            )
+            if not await self._reconcile(link):  # channels wanted or dropped while the probe was out
+                raise ConnectionLost("Redis did not confirm the subscriptions in time")
             if link.failed:
                 raise ConnectionLost(f"the link failed while it was being opened ({link.broken.result()})")
         except BaseException:
@@ -292,15 +289,94 @@ class RedisBroker:
             raise
         return link
 
-    async def _reconcile(self, link: _Link) -> None:
-        """Subscribe what is wanted and not asked for on `link`, unsubscribe the rest, until stable."""
-        while not link.failed:
-            asked = set().union(*(n.subscribed - {n.probe_channel} for n in link.nodes))
-            missing = [c for c in self._wanted if c not in asked]
-            extra = [c for c in asked if c not in self._wanted]
-            if not missing and not extra:
-                return
-            await self._sync(link, missing, extra)
+    async def _open_node(self, link: _Link, address: Address) -> _Node:
+        node = _Node(address, self._topology.probe_channel(self._probe_base, address))
+        name = f"relay:{self._pod_id}"
+        lost = self._on_lost(link, node)
+        try:
+            node.pub = await RespConnection.open(address, self._options, name=name, on_lost=lost)
+            node.sub = await RespConnection.open(
+                address, self._options, name=name, on_push=self._on_push(link, node), on_lost=lost
+            )
+        except BaseException:
+            node.close()
+            raise
+        link.nodes[address] = node
+        if not await self._sync(link, node, [node.probe_channel], ()):
+            raise ConnectionLost(f"{address} did not confirm the probe channel")
+        return node
+
+    async def _node(self, link: _Link, address: Address | None) -> _Node:
+        """The link's node for `address`, connected now if the slot map has just named it."""
+        if address is None:  # only before the first slot map: nothing to route by
+            metrics.BROKER_LOST.labels("link_down").inc()
+            raise BrokerUnavailable("no slot map yet")
+        node = link.nodes.get(address)
+        if node is not None:
+            return node
+        task = link.opening.get(address)
+        if task is None:
+            task = link.opening[address] = asyncio.get_running_loop().create_task(
+                asyncio.wait_for(self._open_node(link, address), self._timeout)
+            )
+            task.add_done_callback(lambda _: link.opening.pop(address, None))
+        try:
+            return await asyncio.shield(task)
+        except (OSError, TimeoutError, ConnectionLost, ReplyError) as exc:
+            metrics.BROKER_LOST.labels("link_down").inc()
+            raise BrokerUnavailable(f"cannot reach the primary at {address}: {exc}") from None
+
+    def _refresh_soon(self, link: _Link) -> None:
+        if link.failed or not self._topology.sharded:
+            return
+        if link.refreshing is None or link.refreshing.done():
+            link.refreshing = asyncio.get_running_loop().create_task(
+                self._refresh(link), name="redis.refresh"
+            )
+
+    async def _refresh(self, link: _Link) -> None:
+        """Follow a changed slot map: ask CLUSTER SLOTS, connect new primaries, retire nodes that
+        own nothing now, move the subscriptions. If that fails, the whole link is rebuilt."""
+        try:
+            async with asyncio.timeout(self._timeout * 2):
+                addresses = await self._topology.discover(self._options)
+                for address in addresses:
+                    await self._node(link, address)
+                for node in list(link.nodes.values()):
+                    if node.address not in addresses:
+                        link.retire(node)
+                if not await self._reconcile(link):
+                    raise ConnectionLost("Redis did not confirm the moved subscriptions in time")
+            metrics.REDIS_SLOT_MAP_REFRESHES.inc()
+            log.info("broker.slot_map_refreshed", nodes=[str(a) for a in addresses])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # BrokerUnavailable, timeouts, a node that will not answer
+            log.warning("broker.slot_map_refresh_failed", error=str(exc) or type(exc).__name__)
+            link.fail("topology_changed")
+
+    async def _usable_link(self) -> _Link:
+        link = self._link
+        if link is None and self._down_since is None:  # never connected yet: wait for the first link
+            self._start()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._up.wait(), self._timeout)
+            link = self._link
+        if link is None:
+            self._refused += 1
+            metrics.BROKER_LOST.labels("link_down").inc()
+            raise BrokerUnavailable("the Redis link is down")
+        return link
+
+    async def _next_link(self, old: _Link) -> _Link | None:
+        """Wait, at most the Redis timeout, for a link other than `old` to be up."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._timeout):
+                if self._link is old:  # the supervisor has not yet seen `old` fail
+                    await self._down.wait()
+                await self._up.wait()
+        link = self._link
+        return link if link is not None and link is not old else None
 
     def _went_up(self, link: _Link, failures: int) -> None:
         self._link = link
@@ -308,7 +384,7 @@ class RedisBroker:
         self._up.set()
         metrics.REDIS_UP.set(1)
         link.monitor = asyncio.get_running_loop().create_task(self._watch(link), name="redis.watch")
-        nodes = [str(n.address) for n in link.nodes]
+        nodes = [str(a) for a in link.nodes]
         if self._down_since is None:
             log.info("broker.connected", nodes=nodes, channels=len(self._wanted))
             return
@@ -325,7 +401,9 @@ class RedisBroker:
         self._down_since = None
 
     def _went_down(self, link: _Link, reason: str) -> None:
-        self._link = None
+        link.fail(reason)
+        if self._link is link:
+            self._link = None
         self._up.clear()
         self._down.set()
         metrics.REDIS_UP.set(0)
@@ -335,65 +413,110 @@ class RedisBroker:
         self._down_since = time.monotonic()
         self._refused = 0
         self._in_flight_lost = 0
-        log.warning("broker.link_lost", reason=reason, nodes=[str(n.address) for n in link.nodes])
+        log.warning("broker.link_lost", reason=reason, nodes=[str(a) for a in link.nodes])
 
-    # --- subscriptions, probes, the watch -------------------------------------------------------
+    # --- subscriptions -------------------------------------------------------------------------
+
+    async def _subscribe_on(self, link: _Link, names: Sequence[bytes]) -> bool:
+        """Subscribe `names` where they live now; True once every one is confirmed."""
+        by_node: dict[Address | None, list[bytes]] = {}
+        for name in names:
+            by_node.setdefault(self._topology.route(name), []).append(name)
+        try:
+            nodes = [(await self._node(link, address), group) for address, group in by_node.items()]
+        except BrokerUnavailable:
+            return False
+        results = await asyncio.gather(*(self._sync(link, node, group, ()) for node, group in nodes))
+        return all(results)
+
+    async def _reconcile(self, link: _Link) -> bool:
+        """Until stable: each node subscribed to exactly the wanted channels it carries. False when
+        Redis did not confirm in time (the caller ends the link)."""
+        while not link.failed:
+            plans: list[tuple[_Node, list[bytes], list[bytes]]] = []
+            route = self._topology.route
+            for node in list(link.nodes.values()):
+                here = node.address
+                missing = [c for c in self._wanted if c not in node.subscribed and route(c) == here]
+                extra = [
+                    c
+                    for c in node.subscribed
+                    if c != node.probe_channel and (c not in self._wanted or route(c) != here)
+                ]
+                if missing or extra:
+                    plans.append((node, missing, extra))
+            if not plans:
+                return True
+            results = await asyncio.gather(*(self._sync(link, n, sub, unsub) for n, sub, unsub in plans))
+            if not all(results) and not link.refreshing:
+                return False
+            if link.refreshing is not None and not link.refreshing.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(link.refreshing)
+        return False
 
     async def _sync(
-        self, link: _Link, subscribe: Iterable[bytes], unsubscribe: Iterable[bytes], raw: bool = False
-    ) -> None:
-        """Ask for (un)subscriptions on `link` in batches and wait for every confirmation."""
-        if link.failed:
-            return
-        waits: list[asyncio.Future[None]] = []
-        for command, channels in ((b"SUBSCRIBE", subscribe), (b"UNSUBSCRIBE", unsubscribe)):
-            by_node: dict[int, list[bytes]] = {}
-            for channel in channels:
-                index = (
-                    next(i for i, n in enumerate(link.nodes) if n.probe_channel == channel)
-                    if raw
-                    else self._topology.route(channel)
-                )
-                by_node.setdefault(index, []).append(channel)
-            for index, names in by_node.items():
-                node = link.nodes[index]
-                if command == b"SUBSCRIBE":
-                    node.subscribed.update(names)
+        self, link: _Link, node: _Node, subscribe: Sequence[bytes], unsubscribe: Sequence[bytes]
+    ) -> bool:
+        """(Un)subscribe on one node in batches of SUBSCRIBE_BATCH channels, up to SUBSCRIBE_WINDOW
+        batches in flight, each confirmed within `redis_timeout` of being awaited. True when every
+        confirmation came; False when one did not (timed out, the slot moved, the link ended)."""
+        window: deque[list[asyncio.Future[bool]]] = deque()
+        for command, channels in zip(self._subscribe, (subscribe, unsubscribe), strict=True):
+            for start in range(0, len(channels), SUBSCRIBE_BATCH):
+                if link.failed:
+                    return False
+                batch = list(channels[start : start + SUBSCRIBE_BATCH])
+                if command is self._subscribe[0]:
+                    node.subscribed.update(batch)
                 else:
-                    node.subscribed.difference_update(names)
-                waits.extend(link.expect(c) for c in names)
-                self._write(node.sub, command, names)
-        if not waits:
-            return
+                    node.subscribed.difference_update(batch)
+                window.append([node.expect(c) for c in batch])
+                self._write(node.sub, command, batch)
+                if len(window) >= SUBSCRIBE_WINDOW and not await self._confirmed(window.popleft()):
+                    return False
+        while window:
+            if not await self._confirmed(window.popleft()):
+                return False
+        return True
+
+    async def _confirmed(self, waiters: list[asyncio.Future[bool]]) -> bool:
         try:
-            await asyncio.wait_for(asyncio.gather(*waits), self._timeout)
+            return all(await asyncio.wait_for(asyncio.gather(*waiters), self._timeout))
         except TimeoutError:
-            link.fail("subscribe_timeout")
+            return False
 
     def _write(self, conn: RespConnection, command: bytes, channels: list[bytes]) -> None:
         if self._topology.sharded:  # one slot per SSUBSCRIBE: one channel per command
             for channel in channels:
-                conn.write(b"S" + command, channel)
+                conn.write(command, channel)
             return
-        for start in range(0, len(channels), SUBSCRIBE_BATCH):
-            conn.write(command, *channels[start : start + SUBSCRIBE_BATCH])
+        conn.write(command, *channels)
 
-    def _send_probe(self, link: _Link, node: _Node) -> str:
+    # --- probes, the watch, pushes --------------------------------------------------------------
+
+    def _send_probe(self, node: _Node) -> str:
         nonce = secrets.token_hex(6)
         node.probe = (nonce, time.monotonic())
         node.pub.send(self._publish, node.probe_channel, wire.probe(nonce)).add_done_callback(_ignore)
-        if self._topology.checks_role:
-            node.pub.send(b"ROLE").add_done_callback(lambda f: self._check_role(link, f))
         return nonce
 
-    async def _probe(self, link: _Link, node: _Node) -> None:
+    async def _probe(self, node: _Node) -> None:
         node.answered.clear()
-        self._send_probe(link, node)
+        self._send_probe(node)
         await node.answered.wait()
 
-    def _check_role(self, link: _Link, reply: asyncio.Future[Any]) -> None:
-        if not reply.cancelled() and reply.exception() is None and reply.result()[0] != b"master":
-            link.fail("not_master")
+    async def _check_master(self, link: _Link, node: _Node) -> None:
+        """Sentinel, every probe interval, busy or idle: is this still the master? A demoted one
+        still takes PUBLISH and serves its own subscribers, unheard by pods on the new master. Ask
+        it (ROLE) and ask Sentinel (which names the new master at once; the old one may stay a
+        master for many seconds before Sentinel reconfigures it)."""
+        try:
+            role = await node.pub.call(b"ROLE", timeout=self._timeout)
+            if role[0] != b"master" or not await self._topology.confirm(node.address, self._options):
+                link.fail("not_master")
+        except (TimeoutError, ConnectionLost, ReplyError):
+            pass  # the probe and the publish timeouts judge an unanswering link
 
     async def _watch(self, link: _Link) -> None:
         """Probe idle links and end a link whose probe or publishes go unanswered too long."""
@@ -401,18 +524,26 @@ class RedisBroker:
         while not link.failed:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            for node in link.nodes:
+            for node in list(link.nodes.values()):
                 oldest = node.pub.oldest_pending()
                 if node.probe is not None and now - node.probe[1] > self._timeout:
                     link.fail("probe_timeout")
                 elif oldest is not None and now - oldest > self._timeout:
                     link.fail("publish_timeout")
                 elif node.probe is None and now - node.sub.last_read >= self._probe_interval:
-                    self._send_probe(link, node)
+                    self._send_probe(node)
+                if (
+                    self._topology.checks_role
+                    and now - node.role_checked >= self._probe_interval
+                    and (node.checking is None or node.checking.done())
+                ):
+                    node.role_checked = now
+                    node.checking = asyncio.get_running_loop().create_task(self._check_master(link, node))
 
-    def _on_lost(self, link: _Link) -> Any:
-        def lost(exc: BaseException | None) -> None:
-            link.fail("connection_lost")
+    def _on_lost(self, link: _Link, node: _Node) -> Any:
+        def lost(reason: str) -> None:
+            if node.address not in link.nodes or link.nodes[node.address] is node:
+                link.fail(reason)  # (a retired node is closed by relay first: it never gets here)
 
         return lost
 
@@ -422,9 +553,9 @@ class RedisBroker:
         def on_push(pushes: list[Push]) -> None:
             envelopes: list[Envelope] = []
             for push in pushes:
-                if isinstance(push, ReplyError):  # e.g. MOVED for an SSUBSCRIBE: the map changed
-                    link.fail("topology_changed")
-                    return
+                if isinstance(push, ReplyError):
+                    self._push_error(link, node, push)
+                    continue
                 kind, channel, payload = push
                 if kind == b"message" or kind == b"smessage":
                     logical = wanted.get(channel)
@@ -441,20 +572,32 @@ class RedisBroker:
                         node.probe = None
                         node.answered.set()
                     continue
-                waiters = link.waiters.get(channel)
-                if waiters:
-                    waiter = waiters.popleft()
-                    if not waiters:
-                        del link.waiters[channel]
-                    if not waiter.done():
-                        waiter.set_result(None)
-                elif kind == b"sunsubscribe":  # Redis moved the slot away: follow the new map
-                    link.fail("topology_changed")
-                    return
+                if not node.settle(channel, True) and kind == b"sunsubscribe":
+                    # Unasked: Redis moved the slot away. Follow the new map (the channel is
+                    # subscribed on its new owner; what was published meanwhile is not recovered).
+                    node.subscribed.discard(channel)
+                    self._refresh_soon(link)
             if envelopes:
                 self._enqueue(envelopes)
 
         return on_push
+
+    def _push_error(self, link: _Link, node: _Node, error: ReplyError) -> None:
+        """An error answering a (S)SUBSCRIBE. MOVED: the slot map is stale; the channel is given up
+        here and resubscribed where it lives. Anything else (an ACL refusal, say) ends the link."""
+        moved = redirect(error, node.address)
+        if moved is None:
+            log.error("broker.subscribe_refused", error=str(error)[:200])
+            link.fail("subscribe_refused")
+            return
+        _, slot, address = moved
+        self._topology.moved(slot, address)
+        for channel in list(node.waiters):
+            if self._topology.route(channel) == address:
+                node.subscribed.discard(channel)
+                node.settle(channel, False)
+                break
+        self._refresh_soon(link)
 
     def _enqueue(self, envelopes: list[Envelope]) -> None:
         if self._backlog + len(envelopes) > MAX_BACKLOG:

@@ -1,7 +1,8 @@
 """One connection to one Redis server, speaking RESP2: the few commands the relay broker needs.
 
-Why not redis-py's asyncio client: one awaited PUBLISH costs it 80-100 µs of CPU on this kind of
-machine against about 13 µs for a minimal client (DESIGN.md §8), and the broker needs control over
+Why not redis-py's asyncio client: measured side by side (docs/performance.md, "The Redis client";
+loadtest/redis_clients.py), redis-py costs 25-32 times the CPU per publish when many publishers
+await at once, as relay's do, and 4 times per received message; and the broker needs control over
 pub/sub connections that redis-py hides (a subscribe that returns once confirmed, explicit timeouts,
 one pub/sub connection per cluster shard). Parsing and packing are hiredis's C code, as in redis-py.
 
@@ -68,7 +69,7 @@ class RespConnection(asyncio.Protocol):
     def __init__(
         self,
         on_push: Callable[[list[Push]], None] | None = None,
-        on_lost: Callable[[BaseException | None], None] | None = None,
+        on_lost: Callable[[str], None] | None = None,
     ) -> None:
         self._on_push = on_push
         self._on_lost = on_lost
@@ -79,6 +80,8 @@ class RespConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self.closed = False
+        self.lost_reason = "connection_lost"  # why the connection ended, when relay did not end it
+        self._closed_by_us = False
         self.last_read = time.monotonic()
         self._gone = self._loop.create_future()  # resolved once the socket is really closed
 
@@ -91,7 +94,7 @@ class RespConnection(asyncio.Protocol):
         name: str = "",
         select_db: bool = True,
         on_push: Callable[[list[Push]], None] | None = None,
-        on_lost: Callable[[BaseException | None], None] | None = None,
+        on_lost: Callable[[str], None] | None = None,
     ) -> RespConnection:
         """Connect, authenticate, select the database and name the client, within `options.timeout`."""
         loop = asyncio.get_running_loop()
@@ -155,6 +158,8 @@ class RespConnection(asyncio.Protocol):
         return self._pending[0][1] if self._pending else None
 
     def close(self) -> None:
+        """Close now (no `on_lost`: the caller knows). Commands in flight fail with ConnectionLost."""
+        self._closed_by_us = True
         if self._transport is not None and not self.closed:
             self._transport.abort()  # no lingering on a peer that stopped reading
         self._fail(ConnectionLost("connection closed"))
@@ -203,17 +208,20 @@ class RespConnection(asyncio.Protocol):
                     else:
                         future.set_result(reply)
         except hiredis.ProtocolError as exc:
-            assert self._transport is not None
-            self._transport.abort()
+            # Not RESP: the stream cannot be trusted from here on. Drop it and report it lost
+            # (connection_lost calls on_lost), so the link is rebuilt rather than left half dead.
+            self.lost_reason = "protocol_error"
             self._fail(ConnectionLost(f"protocol error: {exc}"))
+            if self._transport is not None:
+                self._transport.abort()
+            return
         if pushes:
             assert self._on_push is not None
             self._on_push(pushes)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        was_closed = self.closed
         if not self._gone.done():
             self._gone.set_result(None)
         self._fail(ConnectionLost(str(exc) if exc else "connection closed by Redis"))
-        if self._on_lost is not None and not was_closed:
-            self._on_lost(exc)
+        if self._on_lost is not None and not self._closed_by_us:
+            self._on_lost(self.lost_reason)

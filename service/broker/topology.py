@@ -29,18 +29,26 @@ class Topology(Protocol):
     """**Protocol:** finds the primaries to connect to and routes channels to them."""
 
     sharded: bool  # SPUBLISH/SSUBSCRIBE (cluster) rather than PUBLISH/SUBSCRIBE
-    checks_role: bool  # ask ROLE with each probe: a demoted master must be left
+    checks_role: bool  # ask ROLE regularly: a demoted master must be left
 
     async def discover(self, options: ConnectOptions) -> list[Address]:
-        """The primaries now, in route order; raises ConnectionLost when none can be found."""
+        """The primaries now (and, for a cluster, the slot map); ConnectionLost when none is found."""
         ...
 
-    def route(self, channel: bytes) -> int:
-        """Index in the last `discover()` result of the primary carrying `channel`."""
+    def route(self, channel: bytes) -> Address | None:
+        """The primary carrying `channel` (a key: its slot's owner), None while unknown."""
         ...
 
-    def probe_channel(self, base: bytes, index: int) -> bytes:
-        """A channel name starting with `base` that routes to primary `index`."""
+    def moved(self, slot: int, address: Address) -> None:
+        """Redis answered MOVED: `slot` now belongs to `address` (a cluster updates its map)."""
+        ...
+
+    async def confirm(self, address: Address, options: ConnectOptions) -> bool:
+        """Whether `address` is still a primary as far as the topology's authority knows."""
+        ...
+
+    def probe_channel(self, base: bytes, address: Address) -> bytes:
+        """A channel name starting with `base` that routes to the primary at `address`."""
         ...
 
 
@@ -127,15 +135,25 @@ class SingleTopology:
     async def discover(self, options: ConnectOptions) -> list[Address]:
         return [self._address]
 
-    def route(self, channel: bytes) -> int:
-        return 0
+    def route(self, channel: bytes) -> Address | None:
+        return self._address
 
-    def probe_channel(self, base: bytes, index: int) -> bytes:
+    def moved(self, slot: int, address: Address) -> None:
+        pass  # no slots outside a cluster
+
+    async def confirm(self, address: Address, options: ConnectOptions) -> bool:
+        return True
+
+    def probe_channel(self, base: bytes, address: Address) -> bytes:
         return base
 
 
 class SentinelTopology(SingleTopology):
-    """The master Sentinel names now; asked again on every reconnect, and ROLE checked on probes."""
+    """The master Sentinel names now: asked on every reconnect and every probe interval (with ROLE).
+
+    After a failover the old master stays a master until Sentinel reconfigures it, which can take
+    ten seconds and more; it still takes PUBLISH and serves its own subscribers, so a pod that only
+    asked ROLE would go on publishing where the other pods no longer listen."""
 
     checks_role = True
 
@@ -163,8 +181,16 @@ class SentinelTopology(SingleTopology):
             if reply:
                 self._sentinels.remove(sentinel)  # ask the one that answered first next time
                 self._sentinels.insert(0, sentinel)
-                return [Address(reply[0].decode(), int(reply[1]))]
+                self._address = Address(reply[0].decode(), int(reply[1]))
+                return [self._address]
         raise ConnectionLost(f"no Sentinel answered with a master named {self._master!r}")
+
+    async def confirm(self, address: Address, options: ConnectOptions) -> bool:
+        try:
+            current = await self.discover(options)
+        except ConnectionLost:
+            return True  # no Sentinel answers: keep the master we have (ROLE is still asked)
+        return current == [address]
 
 
 def open_topology(url: RedisUrl) -> Topology:

@@ -1,0 +1,191 @@
+"""The Redis link never dies for good, says so when it cannot carry something, and recovers even a
+large subscription set: against real redis-server processes (and, for corrupted replies, a proxy
+in front of one)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from service.broker import BrokerUnavailable, Envelope
+from service.broker.redis import RedisBroker
+from service.client import RelayClient, RelayError
+from tests.brokers import Collector, delivered_again, eventually, redis_broker
+from tests.helpers import closed_with, join, metric, running_pod, ws_url
+from tests.redis_proxy import RedisProxy
+from tests.redis_servers import RedisServer, SentinelSet
+
+pytestmark = pytest.mark.integration
+
+FAST: dict[str, Any] = {"redis_probe_interval": 0.2, "redis_timeout": 0.5, "redis_backoff_max": 0.3}
+
+
+async def test_an_unexpected_error_while_connecting_is_logged_counted_and_retried(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Anything the supervisor did not foresee (here: what an `assert` under `python -O` or a reply
+    nobody expected raises) is one failed attempt, not the end of the link."""
+    broker = redis_broker(redis_server.url, redis_prefix)
+    assert isinstance(broker, RedisBroker)
+    topology = broker._topology
+    real = topology.discover
+    calls = 0
+
+    async def surprising(options: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise AttributeError("'NoneType' object has no attribute 'decode'")
+        return await real(options)
+
+    topology.discover = surprising  # type: ignore[method-assign]
+    errors = metric("relay_redis_link_failures_total", reason="error")
+    a = Collector(broker)
+    try:
+        with capture_logs() as logs:
+            await eventually(lambda: broker.ready, 5)
+        assert calls >= 2 and broker.alive
+        assert metric("relay_redis_link_failures_total", reason="error") == errors + 1
+        [line] = [e for e in logs if e["event"] == "broker.supervisor_error"]
+        assert line["log_level"] == "error" and "exc_info" in line
+        await a.broker.subscribe("g:x")
+        assert await a.broker.publish(Envelope("g:x", "hello", time.time())) == 1
+        assert (await a.wait_for(1))[0].frame == "hello"
+    finally:
+        await a.stop()
+
+
+async def test_liveness_fails_when_the_task_carrying_messages_stops(redis_server: RedisServer) -> None:
+    """/healthz answers for the event loop and for the tasks that carry messages: a pod whose Redis
+    supervisor or delivery loop is gone must be restarted, not left looking healthy."""
+    for victim in ("supervisor", "hub"):
+        async with (
+            running_pod(broker_url=redis_server.url, **FAST) as pod,
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{pod.internal_port}") as http,
+        ):
+            assert (await http.get("/healthz")).status_code == 200
+            broker = pod.pod.broker
+            assert isinstance(broker, RedisBroker)
+            task = broker._supervisor if victim == "supervisor" else pod.pod._run
+            assert task is not None
+            with capture_logs() as logs:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            health = await http.get("/healthz")
+            assert health.status_code == 503, victim
+            check = "broker" if victim == "supervisor" else "delivery"
+            assert health.json()["checks"][check] is False, victim
+            assert any(e["log_level"] == "error" for e in logs), victim
+
+
+async def test_a_protocol_error_reports_the_link_lost_and_it_is_rebuilt(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Bytes that are not RESP on the link: the connection is dropped and the link rebuilt at once,
+    not left half dead until a probe notices (probes are 30 s apart here)."""
+    async with RedisProxy(redis_server.port) as proxy:
+        slow_probes = {"redis_probe_interval": 30.0, "redis_timeout": 0.5, "redis_backoff_max": 0.3}
+        a = Collector(redis_broker(proxy.url, redis_prefix, "a", **slow_probes))
+        b = Collector(redis_broker(proxy.url, redis_prefix, "b", **slow_probes))
+        try:
+            await a.broker.subscribe("g:room")
+            await b.broker.subscribe("g:room")
+            broken = metric("relay_redis_link_failures_total", reason="protocol_error")
+            assert proxy.corrupt(b"\x00 this is not RESP\r\n") == 4
+            await eventually(
+                lambda: metric("relay_redis_link_failures_total", reason="protocol_error") > broken, 2
+            )
+            took = await delivered_again(a, b, "g:room", 3)
+            assert took < 3
+        finally:
+            await a.stop()
+            await b.stop()
+
+
+async def test_during_an_outage_a_join_is_refused_never_acked(dedicated_redis: RedisServer) -> None:
+    """An ack means the join took effect; with Redis down it cannot: a v1 join gets
+    broker_unavailable, a seed socket is closed with 1013 (come back later). Both work once Redis
+    is back."""
+    async with running_pod(broker_url=dedicated_redis.url, **FAST) as pod:
+        client = await RelayClient.connect(ws_url(pod, "/lobby"))
+        dedicated_redis.kill()
+        await eventually(lambda: not pod.pod.broker.ready, 5)
+        with pytest.raises(RelayError) as refused:
+            await client.join("news")
+        assert refused.value.code == "broker_unavailable"
+        rejected = metric("relay_connections_rejected_total", reason="broker")
+        assert await closed_with(ws_url(pod, "/news")) == 1013
+        assert metric("relay_connections_rejected_total", reason="broker") == rejected + 1
+        assert pod.pod.hub.group_count() == 1  # only the lobby: the failed join left nothing behind
+        dedicated_redis.start()
+        await eventually(lambda: pod.pod.broker.ready, 5)
+        await client.join("news")  # acked: it took effect
+        seed = await join(ws_url(pod, "/news"))
+        sent = await seed.publish("news", after="outage")
+        assert (await client.receive(5)).message == sent
+        await client.close()
+
+
+@pytest.mark.xdist_group("redis-large")
+async def test_200000_channels_are_all_subscribed_again_after_a_reconnect(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """Re-subscribing is batched, each batch confirmed within redis_timeout (0.5 s here): the whole
+    set may take far longer than one timeout and still come back."""
+    count = 200_000
+    channels = [f"g:c{n}" for n in range(count)]
+    a = Collector(redis_broker(dedicated_redis.url, redis_prefix, "a", **FAST))
+    b = Collector(redis_broker(dedicated_redis.url, redis_prefix, "b", **FAST))
+    try:
+        for start in range(0, count, 20_000):
+            await a.broker.subscribe(*channels[start : start + 20_000])
+        timeouts = metric("relay_redis_link_failures_total", reason="subscribe_timeout")
+        broker = a.broker
+        assert isinstance(broker, RedisBroker)
+        old = broker._link
+        dedicated_redis.call("CLIENT", "KILL", "TYPE", "pubsub")
+        started = time.monotonic()
+        await eventually(lambda: broker._link not in (None, old), 30)  # a new link, proven and up
+        took = time.monotonic() - started
+        assert metric("relay_redis_link_failures_total", reason="subscribe_timeout") == timeouts
+        sample = [f"{redis_prefix}:{c}" for c in channels[-1000:]]
+        counts = dedicated_redis.call("PUBSUB", "NUMSUB", *sample)[1::2]
+        assert set(counts) == {1}
+        assert int(dedicated_redis.call("PUBSUB", "NUMPAT")) == 0
+        for channel in [*random.sample(channels, 20), channels[-1]]:
+            await delivered_again(b, a, channel, 5)
+        print(f"{count} channels subscribed again in {took:.2f} s")
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_command_a_replica_refuses_is_sent_once_more_on_a_new_link_then_reported(
+    sentinel_set: SentinelSet, redis_prefix: str
+) -> None:
+    """READONLY means "not carried out here": the link is rebuilt (a demoted master is left) and the
+    command sent once more; refused again, it is reported, never retried for ever."""
+    replica = sentinel_set.replica
+    broker = redis_broker(replica.url, redis_prefix, "a", **FAST)
+    assert isinstance(broker, RedisBroker)
+    not_master = metric("relay_redis_link_failures_total", reason="not_master")
+    rejected = metric("relay_broker_lost_total", reason="rejected")
+    try:
+        with pytest.raises(BrokerUnavailable, match="READONLY"):
+            await broker.command(b"k", b"SET", f"{redis_prefix}:k", b"v")
+        assert metric("relay_broker_lost_total", reason="rejected") == rejected + 1
+        await eventually(  # each refusal rebuilt the link, which goes on
+            lambda: (
+                metric("relay_redis_link_failures_total", reason="not_master") == not_master + 2
+                and broker.ready
+            ),
+            5,
+        )
+    finally:
+        await broker.close()
