@@ -164,9 +164,12 @@ class RedisBroker:
                 break
             if await self._subscribe_on(link, names):
                 return
-            if link.refreshing is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(link.refreshing)
+            refreshing = link.refreshing
+            if refreshing is None or refreshing.done():
+                link.fail("subscribe_timeout")  # Redis did not confirm: rebuild the link
+                break
+            with contextlib.suppress(Exception):
+                await asyncio.shield(refreshing)
         raise BrokerUnavailable("the Redis link is down: the subscription could not be confirmed")
 
     async def unsubscribe(self, *channels: str) -> None:
@@ -255,10 +258,11 @@ class RedisBroker:
                     log.warning("broker.connect_failed", error=str(exc) or type(exc).__name__, retry_in=delay)
             except Exception:  # a bug, or a reply nobody foresaw: never the end of the link
                 failures += 1
-                metrics.REDIS_LINK_FAILURES.labels("error").inc()
                 log.exception("broker.supervisor_error", retry_in=delay)
                 if self._link is not None:
-                    self._went_down(self._link, "error")
+                    self._went_down(self._link, "error")  # counts it
+                else:
+                    metrics.REDIS_LINK_FAILURES.labels("error").inc()
             await asyncio.sleep(random.uniform(delay / 2, delay))
             delay = min(delay * 2, self._backoff_max)
 
@@ -303,6 +307,7 @@ class RedisBroker:
             raise
         link.nodes[address] = node
         if not await self._sync(link, node, [node.probe_channel], ()):
+            link.retire(node)
             raise ConnectionLost(f"{address} did not confirm the probe channel")
         return node
 
@@ -448,11 +453,13 @@ class RedisBroker:
             if not plans:
                 return True
             results = await asyncio.gather(*(self._sync(link, n, sub, unsub) for n, sub, unsub in plans))
-            if not all(results) and not link.refreshing:
+            refreshing = link.refreshing
+            if refreshing is not None and not refreshing.done() and refreshing is not asyncio.current_task():
+                with contextlib.suppress(Exception):  # the map is changing: plan again on the new one
+                    await asyncio.shield(refreshing)
+                continue
+            if not all(results):
                 return False
-            if link.refreshing is not None and not link.refreshing.done():
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(link.refreshing)
         return False
 
     async def _sync(
