@@ -78,18 +78,26 @@ def api_routes(pod: Pod) -> list[Route]:
         if (group is None) == (channel_id is None):
             return _error(400, "bad_request", "bad_request", 'give exactly one of "group" and "channel_id"')
         frame = orjson.dumps({"message": request_obj["message"]}).decode()
+        key = request_obj.get("idempotency_key", request.headers.get("idempotency-key"))
+        if key is not None and not (isinstance(key, str) and 0 < len(key) <= protocol.MAX_KEY_LENGTH):
+            return _error(400, "bad_request", "bad_request", "idempotency_key: a string of 1-64 characters")
         try:
             if group is not None:
                 if not isinstance(group, str) or protocol.GROUP_NAME.fullmatch(group) is None:
                     return _error(400, "bad_request", "invalid_group", "group: 1-99 of A-Za-z0-9 . _ -")
-                pods = await pod.hub.publish(group, frame)
+                published = await pod.hub.publish(group, frame, key)
+                answer: dict[str, object] = {"pods": published.pods}
+                if published.position is not None:
+                    answer.update(epoch=published.position.epoch, offset=published.position.offset)
+                    if published.duplicate:
+                        answer["duplicate"] = True
             else:
                 if not isinstance(channel_id, str) or protocol.CHANNEL_ID.fullmatch(channel_id) is None:
                     return _error(400, "bad_request", "invalid_channel", "channel_id is not a channel id")
-                pods = await pod.hub.send_direct(channel_id, frame)
+                answer = {"pods": await pod.hub.send_direct(channel_id, frame)}
         except BrokerUnavailable:
             return _error(503, "broker_error", "broker_unavailable", "the broker is unreachable; retry later")
         metrics.API_REQUESTS.labels("accepted").inc()
-        return JSONResponse({"pods": pods}, status_code=202)
+        return JSONResponse(answer, status_code=202)
 
     return [Route("/api/publish", publish, methods=["POST"])]

@@ -1,6 +1,9 @@
 """Logical channel names on the broker, and connection ids.
 
-A group G travels on channel `g:G`; each pod listens on `p:<pod_id>` for direct sends. Connection ids
+A group G travels on channel `g:{G}`; each pod listens on `p:<pod_id>` for direct sends. The braces
+are a Redis Cluster hash tag: a group's channel and its history keys (`h:{G}`, `m:{G}`, `i:{G}`,
+service/broker/history.py) share one slot, so one script can store and publish a message on a
+single Redis, Sentinel and Cluster alike (group names cannot contain braces). Connection ids
 are `<pod_id>.<random>`: the pod id routes a direct send to one pod without a subscription per
 socket, and the random part (not a counter) stays unique when a restarted pod keeps its name.
 """
@@ -12,12 +15,12 @@ import secrets
 
 def group(name: str) -> str:
     """The broker channel carrying group `name`."""
-    return "g:" + name
+    return "g:{" + name + "}"
 
 
 def group_of(channel: str) -> str:
-    """The group name a group channel carries (`g:chat` -> `chat`)."""
-    return channel[2:]
+    """The group name a group channel carries (`g:{chat}` -> `chat`)."""
+    return channel[3:-1]
 
 
 def pod(pod_id: str) -> str:

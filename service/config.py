@@ -171,6 +171,11 @@ class Settings:
     redis_backoff_max: float = _setting(
         5.0, "RELAY_REDIS_BACKOFF_MAX", "cap of the jittered exponential reconnect backoff, in seconds"
     )
+    group_rules_file: str = _setting(
+        "",
+        "RELAY_GROUP_RULES_FILE",
+        "TOML or JSON file of per-group rules (history, latest value): docs/history.md; empty: none",
+    )
     ready_requires_broker: bool = _setting(
         True,
         "RELAY_READY_REQUIRES_BROKER",

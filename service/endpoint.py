@@ -22,10 +22,10 @@ import structlog
 
 from service import metrics, protocol, transport
 from service.auth import AuthError, Identity, origin_allowed, origin_of, token_from
-from service.broker import BrokerUnavailable
+from service.broker import BrokerUnavailable, Position
 from service.channels import new_connection_id
 from service.connection import Connection
-from service.hub import TooManyGroups
+from service.hub import Joined, TooManyGroups
 from service.limits import TokenBucket
 from service.logs import exception_summary
 from service.pod import Pod
@@ -71,6 +71,7 @@ DETAILS: dict[str, str] = {
     "invalid_group": "group_name must be 1-99 of A-Za-z0-9 . _ -",
     "invalid_channel": "channel_id is not a channel id",
     "bad_ref": "ref must be a string of up to 64 characters or an integer",
+    "bad_since": 'since must be {"epoch": <string>, "offset": <integer >= 0>}',
 }
 
 
@@ -164,10 +165,12 @@ class Endpoint:
         client_code = 1006
         try:
             self._hub.register(conn)
-            if group is not None:
-                await self._hub.join(conn, group)
+            welcome = protocol.welcome(conn.id)
+            if group is not None:  # the welcome goes out once the join took effect, before anything else
+                await self._hub.join(conn, group, on_joined=lambda joined: conn.offer(welcome))
+            else:
+                conn.offer(welcome)
             metrics.CONNECTIONS_OPENED.inc()
-            conn.offer(protocol.welcome(conn.id))
             client_code = await self._read(conn, receive, identity)
         except BrokerUnavailable:  # the path group could not be subscribed
             metrics.CONNECTIONS_REJECTED.labels("broker").inc()
@@ -253,41 +256,58 @@ class Endpoint:
                 if answered:
                     conn.offer(protocol.error(command.reason, DETAILS[command.reason], ref))
                 continue
-            outcome, failure = await self._execute(conn, command, identity)
+            outcome, result = await self._execute(conn, command, identity, answered)
             metrics.MESSAGES_RECEIVED.labels(outcome).inc()
-            if answered:
-                if failure is None:
-                    conn.offer(protocol.ack(ref))
+            if answered and result is not None:
+                if isinstance(result, dict):
+                    conn.offer(protocol.ack(ref, **result))
                 else:
-                    conn.offer(protocol.error(failure[0], failure[1], ref))
+                    conn.offer(protocol.error(result[0], result[1], ref))
 
     async def _execute(
-        self, conn: Connection, command: Command, identity: Identity
-    ) -> tuple[str, tuple[ErrorCode, str] | None]:
-        """Carry out one command: (metric outcome, None on success or (error code, detail))."""
+        self, conn: Connection, command: Command, identity: Identity, answered: bool
+    ) -> tuple[str, dict[str, object] | tuple[ErrorCode, str] | None]:
+        """Carry out one command: (metric outcome, what the ack says, or (error code, detail), or
+        None when it was answered already)."""
         hub = self._hub
         try:
             if isinstance(command, SendToGroup):
                 if not identity.may_publish(command.group):
                     return "forbidden", ("forbidden", "token does not allow publishing to this group")
-                await hub.publish(command.group, command.frame)
-                return "published", None
+                published = await hub.publish(command.group, command.frame, command.key)
+                return "published", _position(published.position)
             if isinstance(command, SendToChannel):
                 if not identity.direct:
                     return "forbidden", ("forbidden", "token does not allow direct sends")
                 if await hub.send_direct(command.channel_id, command.frame) == 0:
                     return "unknown_channel", ("unknown_channel", "no pod holds that channel id")
-                return "direct", None
+                return "direct", {}
             if isinstance(command, Join):
                 if not identity.may_join(command.group):
                     return "forbidden", ("forbidden", "token does not allow this group")
-                await hub.join(conn, command.group)
+                ref = command.ref
+
+                def acknowledge(joined: Joined) -> None:  # before any message of the group
+                    if answered:
+                        details = _position(joined.position)
+                        if joined.recovered is not None:
+                            details["recovered"] = joined.recovered
+                            if joined.reason is not None:
+                                details["reason"] = joined.reason
+                        conn.offer(protocol.ack(ref, **details))
+
+                await hub.join(conn, command.group, command.since, acknowledge)
                 return "joined", None
             assert isinstance(command, Leave)
             await hub.leave(conn, command.group)
-            return "left", None
+            return "left", {}
         except TooManyGroups as exc:
             return "too_many_groups", ("too_many_groups", str(exc))
         except BrokerUnavailable:
             metrics.PUBLISH_FAILURES.inc()
             return "broker_error", ("broker_unavailable", "the broker is unreachable; retry later")
+
+
+def _position(position: Position | None) -> dict[str, object]:
+    """The ack fields for a group's position (none for a group without history)."""
+    return {} if position is None else {"epoch": position.epoch, "offset": position.offset}

@@ -4,20 +4,30 @@ Publishing goes hub -> broker; delivery comes back broker.messages() -> hub.run 
 for the publishing pod too (one delivery path, one ordering rule). The pod subscribes to a group's
 channel when its first local member joins and unsubscribes when the last one leaves, under a
 per-group lock so that a join racing a leave never ends unsubscribed.
+
+Groups that keep history (service/rules.py) are published with a position, delivered in order by
+the sequencer (service/sequencer.py), and a member may join from a position it last saw: what it
+missed is read from history and sent first, while live messages for it are held and merged by
+offset at the seam, so it gets each message once and in order (docs/history.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
 from service import channels, metrics
-from service.broker import Broker, BrokerUnavailable, Envelope
+from service.broker import RESYNC, Broker, BrokerUnavailable, Envelope, History, Position, Retention
 from service.connection import Connection
 from service.limits import KeyedLock
-from service.protocol import group_frame, pod_of
+from service.protocol import Since, group_frame, pod_of
+from service.rules import GroupRule, GroupRules
+from service.sequencer import Sequencer
 
 log = structlog.get_logger("relay.hub")
 
@@ -26,15 +36,40 @@ class TooManyGroups(Exception):
     """A connection asked to join more groups than RELAY_MAX_GROUPS allows."""
 
 
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What a publish did: pods reached, and for a group with history its position (and whether
+    the same idempotency key had stored it before)."""
+
+    pods: int
+    position: Position | None = None
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """What a join did, for a group with history: where the group stands, and for a join with
+    `since`, whether everything missed follows (`recovered`) or why not (`reason`)."""
+
+    position: Position | None = None
+    recovered: bool | None = None
+    reason: str | None = None  # epoch_changed | trimmed | unavailable
+
+
 class Hub:
     """Local membership and fan-out for one pod."""
 
-    def __init__(self, broker: Broker, pod_id: str, *, max_groups: int = 100) -> None:
+    def __init__(
+        self, broker: Broker, pod_id: str, *, max_groups: int = 100, rules: GroupRules | None = None
+    ) -> None:
         self.pod_id = pod_id
         self._broker = broker
         self._max_groups = max_groups
+        self._rules = rules or GroupRules([])
         self._members: dict[str, set[Connection]] = {}  # broker channel -> local members
         self._connections: dict[str, Connection] = {}  # connection id -> connection
+        self._held: dict[str, dict[Connection, list[Envelope]]] = {}  # members mid-recovery
+        self._sequencer = Sequencer(broker, self._fan_out)
         self._locks = KeyedLock()
         self.empty = asyncio.Event()  # set while the pod has no connections (the drain waits on it)
         self.empty.set()
@@ -67,14 +102,53 @@ class Hub:
         self.empty.clear()
         metrics.CONNECTIONS.set(len(self._connections))
 
-    async def join(self, conn: Connection, group: str) -> None:
+    async def join(
+        self,
+        conn: Connection,
+        group: str,
+        since: Since | None = None,
+        on_joined: Callable[[Joined], object] = lambda joined: None,
+    ) -> Joined:
         """Add `conn` to `group`; the first local member subscribes the pod. If the broker cannot
-        confirm that (BrokerUnavailable), nothing was recorded and the error propagates."""
+        confirm that (BrokerUnavailable), nothing was recorded and the error propagates. For a
+        group with history: with `since`, what `conn` missed is sent first if history still holds
+        all of it (else nothing of it); with the `latest` rule, the latest message is sent first.
+        `on_joined` runs once the join took effect, before any message of the group is offered to
+        `conn` (the endpoint sends its welcome or its ack there)."""
         channel = channels.group(group)
         if channel in conn.groups:
-            return
+            joined = Joined()
+            on_joined(joined)
+            return joined
         if len(conn.groups) >= self._max_groups:
             raise TooManyGroups(f"a connection may join at most {self._max_groups} groups")
+        rule = self._rules.history_for(group)
+        members = await self._subscribed(channel, rule)
+        if rule is not None and (since is not None or rule.latest):
+            return await self._recover(conn, group, channel, rule, since, on_joined)
+        if rule is None:
+            joined = Joined()
+        else:  # where the group stands, so the client can recover from there later
+            held: list[Envelope] = []
+            self._held.setdefault(channel, {})[conn] = held
+            members.add(conn)
+            conn.groups.add(channel)
+            try:
+                joined = Joined(await self._position(channel))
+            finally:
+                self._release(channel, conn)
+            if channel not in conn.groups:
+                return Joined()
+            on_joined(joined)
+            self._flush(conn, group, held, "", 0)
+            return joined
+        members.add(conn)
+        conn.groups.add(channel)
+        on_joined(joined)
+        return joined
+
+    async def _subscribed(self, channel: str, rule: GroupRule | None) -> set[Connection]:
+        """The members of `channel`, subscribing the pod first if it has none."""
         members = self._members.get(channel)
         if not members:  # an empty set means a last leave is unsubscribing right now
             async with self._locks.hold(channel):
@@ -87,8 +161,80 @@ class Hub:
                         raise
                     members = self._members[channel] = set()
                     metrics.GROUPS.set(len(self._members))
-        members.add(conn)
+                    if rule is not None:
+                        self._sequencer.track(channel, rule.history)
+        return members
+
+    async def _position(self, channel: str) -> Position | None:
+        """Where the group stands now, None when its history cannot be read."""
+        try:
+            metrics.HISTORY_READS.labels("position").inc()
+            history = await self._broker.history(channel, None, 0)
+        except BrokerUnavailable:
+            return None
+        return Position(history.epoch, history.top) if history.epoch else None
+
+    async def _recover(
+        self,
+        conn: Connection,
+        group: str,
+        channel: str,
+        rule: GroupRule,
+        since: Since | None,
+        on_joined: Callable[[Joined], object],
+    ) -> Joined:
+        """Join `conn` with what it missed (`since`) or the latest message first. Live messages
+        for it are held meanwhile; afterwards the ones history already gave it are dropped."""
+        held: list[Envelope] = []
+        self._held.setdefault(channel, {})[conn] = held
+        self._members[channel].add(conn)
         conn.groups.add(channel)
+        history: History | None = None
+        try:
+            metrics.HISTORY_READS.labels("recovery" if since is not None else "latest").inc()
+            history = await self._broker.history(
+                channel, since.offset if since is not None else None, rule.history if since else 1
+            )
+        except BrokerUnavailable:
+            pass
+        finally:
+            self._release(channel, conn)
+        if channel not in conn.groups:  # it left, or its socket went, while history was read
+            return Joined()
+        reason = _unrecoverable(since, history) if since is not None else None
+        entries = history.entries if history is not None and reason is None else []
+        epoch = history.epoch if history is not None else ""
+        position = Position(epoch, history.top) if history is not None and epoch else None
+        if since is None:
+            joined = Joined(position)
+        else:
+            metrics.RECOVERIES.labels(reason or "recovered").inc()
+            joined = Joined(position, reason is None, reason)
+        on_joined(joined)
+        for offset, frame in entries:
+            conn.offer(group_frame(group, frame, epoch, offset) if conn.v1 else frame)
+        metrics.RECOVERED_MESSAGES.inc(len(entries))
+        last = entries[-1][0] if entries else (since.offset if since is not None and reason is None else 0)
+        self._flush(conn, group, held, epoch, last)
+        return joined
+
+    def _release(self, channel: str, conn: Connection) -> None:
+        """Stop holding live messages for `conn` (it joined, or gave up)."""
+        waiting = self._held.get(channel, {})
+        waiting.pop(conn, None)
+        if not waiting:
+            self._held.pop(channel, None)
+
+    @staticmethod
+    def _flush(conn: Connection, group: str, held: list[Envelope], epoch: str, last: int) -> None:
+        """Offer what was held for `conn`, but what history already gave it (epoch, up to last)."""
+        for envelope in held:
+            if envelope.epoch == epoch and envelope.offset <= last:
+                continue  # the seam: history gave it already
+            if conn.v1:
+                conn.offer(group_frame(group, envelope.frame, envelope.epoch, envelope.offset))
+            else:
+                conn.offer(envelope.frame)
 
     async def leave(self, conn: Connection, group: str) -> None:
         """Remove `conn` from `group`; the last local member unsubscribes the pod."""
@@ -96,6 +242,9 @@ class Hub:
 
     async def _leave(self, conn: Connection, channel: str) -> None:
         conn.groups.discard(channel)
+        waiting = self._held.get(channel)
+        if waiting is not None:
+            waiting.pop(conn, None)
         members = self._members.get(channel)
         if members is None or conn not in members:
             return
@@ -108,6 +257,7 @@ class Hub:
                     await self._broker.unsubscribe(channel)
                 finally:
                     del self._members[channel]
+                    self._sequencer.forget(channel)
                     metrics.GROUPS.set(len(self._members))
 
     async def leave_all(self, conn: Connection) -> None:
@@ -127,9 +277,17 @@ class Hub:
         await self.leave_all(conn)
         self.unregister(conn)
 
-    async def publish(self, group: str, frame: str) -> int:
-        """Send `frame` to every member of `group` on every pod; returns the pods reached."""
-        return await self._broker.publish(Envelope(channels.group(group), frame, time.time()))
+    async def publish(self, group: str, frame: str, key: str | None = None) -> Published:
+        """Send `frame` to every member of `group` on every pod. A group with history gets it
+        stored with a position; `key` (else a fresh one, for the broker's own retries) makes a
+        retried publish stored once."""
+        envelope = Envelope(channels.group(group), frame, time.time())
+        rule = self._rules.history_for(group)
+        if rule is None:
+            return Published(await self._broker.publish(envelope))
+        retention = Retention(rule.history, rule.ttl)
+        appended = await self._broker.append(envelope, retention, key or secrets.token_urlsafe(9))
+        return Published(appended.pods, appended.position, appended.duplicate)
 
     async def send_direct(self, channel_id: str, frame: str) -> int:
         """Send `frame` to one connection, on whichever pod holds it; returns the pods reached."""
@@ -138,11 +296,14 @@ class Hub:
 
     async def run(self) -> None:
         """Deliver everything the broker receives to local members, until the broker closes."""
-        async for envelope in self._broker.messages():
-            try:
-                self._deliver(envelope)
-            except Exception:  # a bug here must not stop delivery for everyone else
-                log.exception("hub.deliver_failed", channel_kind=envelope.channel[:1])
+        try:
+            async for envelope in self._broker.messages():
+                try:
+                    self._deliver(envelope)
+                except Exception:  # a bug here must not stop delivery for everyone else
+                    log.exception("hub.deliver_failed", channel_kind=envelope.channel[:1])
+        finally:
+            self._sequencer.stop()
 
     def _deliver(self, envelope: Envelope) -> None:
         if envelope.target:
@@ -152,18 +313,30 @@ class Hub:
             elif conn.offer(envelope.frame):
                 metrics.MESSAGES_SENT.inc()
             return
+        if envelope.offset:
+            self._sequencer.accept(envelope)  # in order, once; it calls _fan_out
+        elif envelope is RESYNC:
+            self._sequencer.resync()
+        else:
+            self._fan_out(envelope)
+
+    def _fan_out(self, envelope: Envelope) -> None:
         members = self._members.get(envelope.channel)
         if not members:
             return
         started = time.perf_counter()
         frame = envelope.frame
-        v1_frame = None  # the v1 form ({"group": G, "message": ...}), built once if anyone needs it
+        v1_frame = None  # the v1 form ({"group": G, ...}), built once if anyone needs it
+        held = self._held.get(envelope.channel)
         sent = 0
         # offer() never awaits and never changes membership, so the set can be walked in place.
         for conn in members:
-            if conn.v1:
+            if held is not None and conn in held:
+                held[conn].append(envelope)  # mid-recovery: merged once history has been sent
+            elif conn.v1:
                 if v1_frame is None:
-                    v1_frame = group_frame(channels.group_of(envelope.channel), frame)
+                    group = channels.group_of(envelope.channel)
+                    v1_frame = group_frame(group, frame, envelope.epoch, envelope.offset)
                 sent += conn.offer(v1_frame)
             else:
                 sent += conn.offer(frame)
@@ -172,4 +345,19 @@ class Hub:
         metrics.MESSAGES_SENT.inc(sent)  # dropped offers are counted in relay_send_queue_dropped_total
         metrics.FANOUT_RECIPIENTS.observe(count)
         metrics.LOCAL_FANOUT_DURATION.observe(finished - started)
-        metrics.GROUP_FANOUT_LATENCY.observe(time.time() - envelope.sent_at)
+        if envelope.sent_at:  # 0 for a message filled in from history
+            metrics.GROUP_FANOUT_LATENCY.observe(time.time() - envelope.sent_at)
+
+
+def _unrecoverable(since: Since, history: History | None) -> str | None:
+    """Why a member at `since` cannot be given everything it missed from `history`, or None."""
+    if history is None:
+        return "unavailable"
+    if history.epoch != since.epoch or since.offset > history.top:
+        return "epoch_changed"
+    if since.offset == history.top:
+        return None  # nothing was missed
+    entries = history.entries
+    if not entries or entries[0][0] != since.offset + 1 or entries[-1][0] != history.top:
+        return "trimmed"
+    return None

@@ -111,3 +111,38 @@ API_REQUESTS = Counter(
     "Requests to the internal port's keyed API (POST /api/publish, POST /drain) by outcome",
     ["outcome"],  # accepted | disabled | unauthorized | forbidden | bad_request | too_large | broker_error
 )
+
+# History, recovery and gap fill (groups with a history rule); see docs/history.md.
+HISTORY_READS = Counter(
+    "relay_history_reads",
+    "Reads of a group's history from the broker, by purpose",
+    ["purpose"],  # recovery | latest | position | gap | resync
+)
+RECOVERIES = Counter(
+    "relay_recoveries",
+    "v1 joins with `since`, by result",
+    ["result"],  # recovered | epoch_changed | trimmed | unavailable
+)
+RECOVERED_MESSAGES = Counter(
+    "relay_recovered_messages",
+    "Messages sent from history to a member as it joined (recovery and latest value)",
+)
+GAP_MESSAGES = Counter(
+    "relay_gap_messages",
+    "Messages of a history group this pod found missing from the sequence, by outcome",
+    ["outcome"],  # filled (read from history and delivered) | lost (history no longer held them)
+)
+DUPLICATES_DROPPED = Counter(
+    "relay_duplicates_dropped",
+    "Messages of a history group this pod had already delivered (an overlap with a gap fill)",
+)
+EPOCH_CHANGES = Counter(
+    "relay_epoch_changes",
+    "Times a group's history epoch changed under this pod: its history was lost (expired, Redis emptied)",
+)
+for _purpose in ("recovery", "latest", "position", "gap", "resync"):
+    HISTORY_READS.labels(_purpose)
+for _result in ("recovered", "epoch_changed", "trimmed", "unavailable"):
+    RECOVERIES.labels(_result)
+for _outcome in ("filled", "lost"):
+    GAP_MESSAGES.labels(_outcome)

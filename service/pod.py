@@ -24,6 +24,7 @@ from service.config import Settings, split
 from service.hub import Hub
 from service.limits import Quotas
 from service.protocol import CloseCode
+from service.rules import GroupRules
 
 log = structlog.get_logger("relay.pod")
 
@@ -37,7 +38,8 @@ class Pod:
     def __init__(self, settings: Settings, broker: Broker) -> None:
         self.settings = settings
         self.broker = broker
-        self.hub = Hub(broker, settings.pod_id, max_groups=settings.max_groups)
+        self.rules = GroupRules.load(settings.group_rules_file)  # a bad file stops start-up
+        self.hub = Hub(broker, settings.pod_id, max_groups=settings.max_groups, rules=self.rules)
         self.auth = Authenticator(settings)  # reads key files now: a bad one stops start-up
         self.allowed_origins = split(settings.allowed_origins)
         self.quotas = Quotas(

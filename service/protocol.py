@@ -17,11 +17,13 @@ GROUP_NAME = re.compile(r"[A-Za-z0-9._-]{1,99}")  # always fullmatch: "$" would 
 CHANNEL_ID = re.compile(r"[A-Za-z0-9_-]{1,63}\.[A-Za-z0-9_-]{1,64}")
 
 RejectReason = Literal[
-    "bad_json", "not_object", "unknown_task", "invalid_group", "invalid_channel", "bad_ref"
+    "bad_json", "not_object", "unknown_task", "invalid_group", "invalid_channel", "bad_ref", "bad_since"
 ]
 Ref = str | int | None  # a client's request id, echoed in the ack or error that answers it
 SUBPROTOCOL = "relay.v1"
 MAX_REF_LENGTH = 64
+MAX_KEY_LENGTH = 64  # idempotency keys
+EPOCH = re.compile(r"[A-Za-z0-9]{1,64}")
 
 
 class CloseCode(IntEnum):
@@ -49,12 +51,22 @@ class CloseCode(IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Since:
+    """A v1 join's `since`: the last position the client saw of the group."""
+
+    epoch: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
 class SendToGroup:
-    """`send_message_to_group`: `frame` is what every member receives, encoded once."""
+    """`send_message_to_group`: `frame` is what every member receives, encoded once. A string
+    `idempotency_key` (groups with history) makes a retried publish stored once."""
 
     group: str
     frame: str
     ref: Ref = None
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +80,11 @@ class SendToChannel:
 
 @dataclass(frozen=True, slots=True)
 class Join:
-    """v1 `join`: become a member of another group."""
+    """v1 `join`: become a member of another group; with `since`, recover what was missed."""
 
     group: str
     ref: Ref = None
+    since: Since | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,16 +123,34 @@ def decode(text: str) -> Command | Rejected:
         if not isinstance(group, str) or GROUP_NAME.fullmatch(group) is None:
             return Rejected("invalid_group", ref)
         if task == "join":
-            return Join(group, ref)
+            since = obj.get("since")
+            if since is None:
+                return Join(group, ref)
+            parsed = _since(since)
+            return Join(group, ref, parsed) if parsed is not None else Rejected("bad_since", ref)
         if task == "leave":
             return Leave(group, ref)
-        return SendToGroup(group, message_frame(text), ref)
+        key = obj.get("idempotency_key")
+        if not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
+            key = None
+        return SendToGroup(group, message_frame(text), ref, key)
     if task == "send_message_to_channel":
         channel_id = obj.get("channel_id")
         if not isinstance(channel_id, str) or CHANNEL_ID.fullmatch(channel_id) is None:
             return Rejected("invalid_channel", ref)
         return SendToChannel(channel_id, message_frame(text), ref)
     return Rejected("unknown_task", ref)
+
+
+def _since(value: object) -> Since | None:
+    if not isinstance(value, dict):
+        return None
+    epoch, offset = value.get("epoch"), value.get("offset")
+    if not isinstance(epoch, str) or EPOCH.fullmatch(epoch) is None:
+        return None
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**53:
+        return None
+    return Since(epoch, offset)
 
 
 def _valid_ref(ref: object) -> bool:
@@ -167,12 +198,15 @@ ErrorCode = Literal[
     "too_many_groups",
     "broker_unavailable",
     "unknown_channel",
+    "bad_since",
 ]
 
 
-def ack(ref: Ref) -> str:
-    """`{"ack": ref}`: the request `ref` was carried out (a publish: the broker accepted it)."""
-    return orjson.dumps({"ack": ref}).decode()
+def ack(ref: Ref, **details: object) -> str:
+    """`{"ack": ref}`: the request `ref` was carried out (a publish: the broker accepted it). For a
+    group with history it also says where the group stands (`epoch`, `offset`) and, for a join
+    with `since`, whether every missed message follows (`recovered`)."""
+    return orjson.dumps({"ack": ref, **details}).decode()
 
 
 def error(code: ErrorCode, detail: str, ref: Ref = None) -> str:
@@ -183,9 +217,12 @@ def error(code: ErrorCode, detail: str, ref: Ref = None) -> str:
     return orjson.dumps({"error": body}).decode()
 
 
-def group_frame(group: str, frame: str) -> str:
-    """The v1 form of a group message, `{"group": G, "message": ...}`, from the seed form.
+def group_frame(group: str, frame: str, epoch: str = "", offset: int = 0) -> str:
+    """The v1 form of a group message, `{"group": G, "message": ...}`, from the seed form; with its
+    position, `{"group": G, "epoch": E, "offset": N, "message": ...}`.
 
-    Built once per message per pod, and only when the pod has v1 members; group names need no
-    escaping (GROUP_NAME allows none of the characters JSON escapes)."""
+    Built once per message per pod, and only when the pod has v1 members; group names and epochs
+    need no escaping (GROUP_NAME and EPOCH allow none of the characters JSON escapes)."""
+    if offset:
+        return '{"group":"' + group + '","epoch":"' + epoch + '","offset":' + str(offset) + "," + frame[1:]
     return '{"group":"' + group + '",' + frame[1:]

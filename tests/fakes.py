@@ -4,8 +4,10 @@ broker whose subscribe/unsubscribe a test can hold open."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
+from service.broker import RESYNC, Envelope, History
 from service.broker.memory import MemoryBroker, MemoryBus
 
 
@@ -34,7 +36,7 @@ class FakeSocket:
         return [m["code"] for m in self.sent if m["type"] == "websocket.close"]
 
 
-Op = Literal["subscribe", "unsubscribe"]
+Op = Literal["subscribe", "unsubscribe", "history"]
 
 
 class GatedBroker(MemoryBroker):
@@ -75,3 +77,24 @@ class GatedBroker(MemoryBroker):
     async def unsubscribe(self, *channels: str) -> None:
         await self._gate("unsubscribe", channels)
         await super().unsubscribe(*channels)
+
+    async def history(self, channel: str, after: int | None, limit: int) -> History:
+        await self._gate("history", (channel,))
+        return await super().history(channel, after, limit)
+
+
+class LossyBroker(GatedBroker):
+    """A GatedBroker that loses what `dropping` picks on the way to its pod, as a pod whose link to
+    Redis was down misses messages; `resync()` then says the link came back, as RedisBroker does."""
+
+    def __init__(self, bus: MemoryBus) -> None:
+        super().__init__(bus)
+        self.dropping: Callable[[Envelope], bool] = lambda envelope: False
+
+    async def messages(self) -> AsyncIterator[Envelope]:
+        async for envelope in super().messages():
+            if envelope is RESYNC or not self.dropping(envelope):
+                yield envelope
+
+    def resync(self) -> None:
+        self._queue.put_nowait(RESYNC)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from service.broker import Envelope
+from service.broker import Appended, Envelope, Retention
 from service.broker.memory import MemoryBroker, MemoryBus
 from tests.brokers import Collector, redis_broker
 from tests.redis_servers import RedisCluster, RedisServer, SentinelSet
@@ -149,3 +149,68 @@ async def test_the_link_is_ready_and_close_ends_messages(pods: Pods) -> None:
     assert pods.a.broker.ready
     await pods.a.stop()
     assert not pods.a.broker.ready
+
+
+# History (groups with a history rule): the same semantics on every broker (docs/history.md).
+KEEP_3 = Retention(size=3, ttl=60)
+
+
+async def append(pods: Pods, channel: str, frame: str, key: str = "", keep: Retention = KEEP_3) -> Appended:
+    return await pods.a.broker.append(env(channel, frame), keep, key)
+
+
+async def test_appends_get_consecutive_offsets_in_one_epoch_and_reach_subscribers(pods: Pods) -> None:
+    """Each message of a group with history gets the next offset, and travels with its position."""
+    await pods.b.broker.subscribe("g:{h}")
+    appended = [await append(pods, "g:{h}", f"m{n}", f"k{n}") for n in range(5)]
+    assert [a.position.offset for a in appended] == [1, 2, 3, 4, 5]
+    assert len({a.position.epoch for a in appended}) == 1 and appended[0].position.epoch
+    assert all(a.pods == 1 and not a.duplicate for a in appended)
+    got = await pods.b.wait_for(5)
+    assert [(e.frame, e.epoch, e.offset) for e in got] == [
+        (f"m{n}", appended[0].position.epoch, n + 1) for n in range(5)
+    ]
+
+
+async def test_history_keeps_the_last_entries_in_order(pods: Pods) -> None:
+    """Capped at its size; read after an offset, or the last few; `top` is the last offset."""
+    for n in range(5):
+        await append(pods, "g:{capped}", f"m{n + 1}")
+    history = await pods.b.broker.history("g:{capped}", 0, 10)
+    assert (history.top, history.entries) == (5, [(3, "m3"), (4, "m4"), (5, "m5")])
+    assert (await pods.b.broker.history("g:{capped}", 4, 10)).entries == [(5, "m5")]
+    assert (await pods.b.broker.history("g:{capped}", 2, 1)).entries == [(3, "m3")]
+    assert (await pods.b.broker.history("g:{capped}", None, 1)).entries == [(5, "m5")]
+    assert (await pods.b.broker.history("g:{capped}", None, 0)).entries == []
+    nothing = await pods.b.broker.history("g:{never}", 0, 10)
+    assert (nothing.epoch, nothing.top, nothing.entries) == ("", 0, [])
+
+
+async def test_a_repeated_idempotency_key_is_stored_and_published_once(pods: Pods) -> None:
+    """A retried publish (same key) gets its first position back and reaches nobody twice."""
+    await pods.b.broker.subscribe("g:{once}")
+    first = await append(pods, "g:{once}", "hello", "key-1")
+    again = await append(pods, "g:{once}", "hello", "key-1")
+    other = await append(pods, "g:{once}", "world", "key-2")
+    assert again.duplicate and again.position == first.position and again.pods == 0
+    assert other.position.offset == 2
+    assert [e.frame for e in await pods.b.wait_for(2)] == ["hello", "world"]
+    assert (await pods.b.broker.history("g:{once}", 0, 10)).entries == [(1, "hello"), (2, "world")]
+
+
+async def test_history_expires_and_the_next_message_begins_a_new_epoch(pods: Pods) -> None:
+    """Once its ttl has passed since the last message the history is gone; offsets start again at 1
+    under a new epoch, so a client at the old position knows it cannot recover."""
+    short = Retention(size=10, ttl=0.2)
+    first = await append(pods, "g:{brief}", "old", keep=short)
+    await _until_expired(pods, "g:{brief}")
+    later = await append(pods, "g:{brief}", "new", keep=short)
+    assert later.position.offset == 1 and later.position.epoch != first.position.epoch
+    assert (await pods.b.broker.history("g:{brief}", 0, 10)).entries == [(1, "new")]
+
+
+async def _until_expired(pods: Pods, channel: str) -> None:
+    deadline = time.monotonic() + 5
+    while (await pods.b.broker.history(channel, 0, 1)).epoch:
+        assert time.monotonic() < deadline, "the history never expired"
+        await asyncio.sleep(0.05)

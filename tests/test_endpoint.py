@@ -9,6 +9,7 @@ import httpx
 import pytest
 import websockets
 
+from service import channels
 from service.broker.memory import MemoryBroker, MemoryBus
 from tests.brokers import eventually
 from tests.helpers import join, metric, running_pod, stalled_client, ws_url
@@ -159,10 +160,10 @@ async def test_a_closed_connection_leaves_its_group() -> None:
     broker = MemoryBroker(bus)
     async with running_pod(broker) as pod:
         a = await join(ws_url(pod, "/g"))
-        assert "g:g" in broker.channels
+        assert channels.group("g") in broker.channels
         await a.ws.close()
         await eventually(lambda: pod.pod.hub.group_count() == 0)
-        assert "g:g" not in broker.channels
+        assert channels.group("g") not in broker.channels
         b = await join(ws_url(pod, "/g"))
         sent = await b.publish("g", after="close")
         assert await b.next() == {"message": sent}

@@ -66,7 +66,7 @@ async def test_a_message_reaches_members_on_both_pods_as_the_same_string(
     await hub_b.join(b.conn, "g")
     await hub_b.join(outsider.conn, "other")
     frame = '{"message":{"x":1}}'
-    assert await hub_a.publish("g", frame) == 2  # two pods reached
+    assert (await hub_a.publish("g", frame)).pods == 2  # two pods reached
     await settle()
     assert a.sock.texts == [frame] and b.sock.texts == [frame] and outsider.sock.texts == []
     assert a.sock.texts[0] is b.sock.texts[0] is frame  # encoded once, never copied per member
@@ -132,7 +132,10 @@ async def test_join_racing_the_last_leave_ends_subscribed(gated: tuple[Hub, Gate
     broker.release("unsubscribe")
     await asyncio.gather(leaving, joining)
     assert channels.group("g") in broker.channels and hub.channels() == {channels.group("g")}
-    assert broker.calls[-2:] == [("unsubscribe", ("g:g",)), ("subscribe", ("g:g",))]
+    assert broker.calls[-2:] == [
+        ("unsubscribe", (channels.group("g"),)),
+        ("subscribe", (channels.group("g"),)),
+    ]
     await hub.publish("g", "x")
     await settle()
     assert b.sock.texts == ["x"] and a.sock.texts == []
@@ -153,7 +156,9 @@ async def test_two_first_joins_racing_subscribe_once_and_both_receive(gated: tup
     await hub.publish("g", "x")
     await settle()
     assert a.sock.texts == ["x"] and b.sock.texts == ["x"]
-    assert [call for call in broker.calls if call[1] == ("g:g",)] == [("subscribe", ("g:g",))]
+    assert [call for call in broker.calls if call[1] == (channels.group("g"),)] == [
+        ("subscribe", (channels.group("g"),))
+    ]
 
 
 async def test_a_failed_subscribe_records_nothing(pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker]) -> None:

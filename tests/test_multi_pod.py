@@ -15,6 +15,7 @@ import httpx
 import pytest
 from redis.crc import key_slot
 
+from service import channels
 from service.server import PodServer
 from tests.brokers import FAST_REDIS, eventually
 from tests.helpers import Client, join, metric, running_pod, ws_url
@@ -117,7 +118,7 @@ async def test_nothing_is_left_in_redis_after_every_member_leaves(
     async with pods(redis_server.url, redis_prefix, 2) as (p0, p1):
         clients = [await join(ws_url(p, f"/g{n}")) for n in range(5) for p in (p0, p1)]
         groups = set(redis_server.call("PUBSUB", "CHANNELS", f"{redis_prefix}:g:*"))
-        assert groups == {f"{redis_prefix}:g:g{n}" for n in range(5)}
+        assert groups == {f"{redis_prefix}:{channels.group(f'g{n}')}" for n in range(5)}
         await close_all(*clients)
         await eventually(lambda: not redis_server.call("PUBSUB", "CHANNELS", f"{redis_prefix}:g:*"))
         assert redis_server.call("KEYS", f"{redis_prefix}*") == []
@@ -203,7 +204,7 @@ async def test_cluster_spreads_groups_over_every_shard_and_delivers_across_pods(
     n = 0
     while len(groups) < 3:
         name = f"shard{n}"
-        owner = redis_cluster.node_for_slot(key_slot(f"{redis_prefix}:g:{name}".encode()))
+        owner = redis_cluster.node_for_slot(key_slot(f"{redis_prefix}:{channels.group(name)}".encode()))
         groups.setdefault(owner.port, name)
         n += 1
     assert set(groups) == {p.port for p in primaries}
@@ -215,7 +216,9 @@ async def test_cluster_spreads_groups_over_every_shard_and_delivers_across_pods(
             a, b = clients[group]
             await exchange(b, group, [a, b])
             owner = next(p for p in primaries if p.port == port)
-            assert f"{redis_prefix}:g:{group}" in owner.call("PUBSUB", "SHARDCHANNELS", f"{redis_prefix}:g:*")
+            assert f"{redis_prefix}:{channels.group(group)}" in owner.call(
+                "PUBSUB", "SHARDCHANNELS", f"{redis_prefix}:g:*"
+            )
             assert owner.call("PUBSUB", "CHANNELS", f"{redis_prefix}:*") == []  # never classic pub/sub
         await close_all(*(c for pair in clients.values() for c in pair))
         await eventually(

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from service import transport
+from service import channels, transport
 from service.protocol import CloseCode
 from tests.helpers import closed_with, join, metric, running_pod, stalled_client, ws_url
 
@@ -107,7 +107,7 @@ async def test_a_socket_uvicorn_closes_itself_is_cut_too() -> None:
     ):
         hub = pod.pod.hub
         publisher = await join(ws_url(pod, "/pub"))
-        (conn,) = [c for c in hub.connections if c.groups == {"g:g"}]
+        (conn,) = [c for c in hub.connections if c.groups == {channels.group("g")}]
         while not conn.backlog:  # fill every buffer on the way: the kernel's and the transport's
             await publisher.publish("g", blob="x" * 30000)
             await asyncio.sleep(0)

@@ -21,13 +21,58 @@ class Envelope:
     """One message on the bus. `frame` is the exact text members receive, encoded once at the origin.
 
     `sent_at` is the origin pod's wall clock when it accepted the publish (for the cross-pod fan-out
-    latency); `target` is a connection id for a direct send, empty for a group message.
+    latency); `target` is a connection id for a direct send, empty for a group message. A message of
+    a group that keeps history carries its position: `epoch` and `offset` (1, 2, 3... per epoch).
     """
 
     channel: str
     frame: str
     sent_at: float
     target: str = ""
+    epoch: str = ""
+    offset: int = 0
+
+
+# Yielded by `messages()` when the link to the bus came back after losing it: anything may have been
+# missed meanwhile, so the hub reads what history holds (docs/history.md, "Gap fill").
+RESYNC = Envelope("", "", 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a message stands in its group's history: the epoch (which changes when the history is
+    lost, e.g. Redis restarted empty) and the offset within it."""
+
+    epoch: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What `append` did: the message's position, how many pods it reached, and whether it had been
+    stored before under the same idempotency key (then nothing was published again)."""
+
+    position: Position
+    pods: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A read of a group's history: its epoch ("" when it has none), the last offset assigned (0 for
+    none), and the entries asked for, (offset, frame) in order."""
+
+    epoch: str
+    top: int
+    entries: list[tuple[int, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long and how much of a group's history the broker keeps."""
+
+    size: int
+    ttl: float
 
 
 class BrokerUnavailable(RuntimeError):
@@ -42,6 +87,18 @@ class Broker(Protocol):
         (where the bus can tell; Redis can). Raises BrokerUnavailable when the bus is unreachable."""
         ...
 
+    async def append(self, envelope: Envelope, retention: Retention, key: str) -> Appended:
+        """Give the message the group's next position, store it in the group's capped, expiring
+        history and publish it, atomically. A message stored before under the same idempotency
+        `key` is not stored or published again: its first position comes back (`duplicate`).
+        Raises BrokerUnavailable when the bus cannot say it was stored."""
+        ...
+
+    async def history(self, channel: str, after: int | None, limit: int) -> History:
+        """The group's position and up to `limit` entries: those after offset `after`, or the last
+        `limit` when `after` is None. Raises BrokerUnavailable."""
+        ...
+
     async def subscribe(self, *channels: str) -> None:
         """Start receiving these channels; returns once the bus has confirmed it. Raises
         BrokerUnavailable when it cannot confirm (the link is down); the channels stay wanted and
@@ -53,7 +110,8 @@ class Broker(Protocol):
         ...
 
     def messages(self) -> AsyncIterator[Envelope]:
-        """Every envelope for a subscribed channel, in bus order, until `close()`."""
+        """Every envelope for a subscribed channel, in bus order, until `close()`; and `RESYNC`
+        after the link to the bus came back."""
         ...
 
     @property

@@ -1,31 +1,84 @@
-"""The in-process bus: a stand-in for Redis pub/sub inside one process.
+"""The in-process bus: a stand-in for Redis pub/sub and history inside one process.
 
 `memory://` gives a pod its own bus (one pod, `make run`). Tests hand one `MemoryBus` to several
 pods in one event loop to act as a shared Redis. A full subscriber queue makes the publisher wait
-(backpressure inside one process), so the memory bus never drops.
+(backpressure inside one process), so the memory bus never drops. History has the semantics of
+service/broker/history.py: capped, expiring, an epoch that changes when it is lost, idempotency keys.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
+import time
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 
-from service.broker import Envelope
+from service.broker import Appended, Envelope, History, Position, Retention
+from service.broker.history import DEDUPE_WINDOW
 
 QUEUE_SIZE = 65536
 
 
+@dataclass
+class _Stream:
+    epoch: str
+    expires: float  # monotonic
+    offset: int = 0
+    entries: deque[tuple[int, str]] = field(default_factory=deque)
+    seen: OrderedDict[str, int] = field(default_factory=OrderedDict)  # idempotency key -> offset
+
+
 class MemoryBus:
-    """Channel -> subscribed brokers. Plays the part of the Redis server."""
+    """Channel -> subscribed brokers, and each group's history. Plays the part of the Redis server."""
 
     def __init__(self) -> None:
         self.subscribers: dict[str, set[MemoryBroker]] = {}
+        self.streams: dict[str, _Stream] = {}
 
     async def publish(self, envelope: Envelope) -> int:
         receivers = self.subscribers.get(envelope.channel, ())
         for broker in tuple(receivers):
             await broker.deliver(envelope)
         return len(receivers)
+
+    async def append(self, envelope: Envelope, retention: Retention, key: str) -> Appended:
+        now = time.monotonic()
+        stream = self._live(envelope.channel, now)
+        if stream is not None and key and key in stream.seen:
+            return Appended(Position(stream.epoch, stream.seen[key]), 0, duplicate=True)
+        if stream is None:
+            stream = self.streams[envelope.channel] = _Stream(secrets.token_hex(6), now)
+        stream.offset += 1
+        stream.expires = now + retention.ttl
+        stream.entries.append((stream.offset, envelope.frame))
+        while len(stream.entries) > retention.size:
+            stream.entries.popleft()
+        if key:
+            stream.seen[key] = stream.offset
+            while len(stream.seen) > max(DEDUPE_WINDOW, retention.size):
+                stream.seen.popitem(last=False)
+        position = Position(stream.epoch, stream.offset)
+        pods = await self.publish(replace(envelope, epoch=position.epoch, offset=position.offset))
+        return Appended(position, pods)
+
+    async def history(self, channel: str, after: int | None, limit: int) -> History:
+        stream = self._live(channel, time.monotonic())
+        if stream is None:
+            return History("", 0, [])
+        if after is None:
+            entries = list(stream.entries)[-limit:] if limit > 0 else []
+        else:
+            entries = [e for e in stream.entries if e[0] > after][:limit]
+        return History(stream.epoch, stream.offset, entries)
+
+    def _live(self, channel: str, now: float) -> _Stream | None:
+        stream = self.streams.get(channel)
+        if stream is not None and now >= stream.expires:
+            del self.streams[channel]  # expired: the next message begins a new epoch
+            return None
+        return stream
 
 
 class MemoryBroker:
@@ -43,6 +96,12 @@ class MemoryBroker:
 
     async def publish(self, envelope: Envelope) -> int:
         return await self._bus.publish(envelope)
+
+    async def append(self, envelope: Envelope, retention: Retention, key: str) -> Appended:
+        return await self._bus.append(envelope, retention, key)
+
+    async def history(self, channel: str, after: int | None, limit: int) -> History:
+        return await self._bus.history(channel, after, limit)
 
     async def subscribe(self, *channels: str) -> None:
         for channel in channels:

@@ -32,7 +32,17 @@ from typing import Any
 import structlog
 
 from service import metrics
-from service.broker import BrokerUnavailable, Envelope, wire
+from service.broker import (
+    RESYNC,
+    Appended,
+    BrokerUnavailable,
+    Envelope,
+    History,
+    Position,
+    Retention,
+    history,
+    wire,
+)
 from service.broker.link import NOT_HERE, _Link, _Node, error_kind, redirect
 from service.broker.resp import Address, ConnectionLost, ConnectOptions, Push, ReplyError, RespConnection
 from service.broker.topology import Topology
@@ -103,12 +113,20 @@ class RedisBroker:
         metrics.REDIS_PUBLISH_DURATION.observe(time.perf_counter() - started)
         return int(reached)
 
-    async def command(self, key: bytes, *args: bytes | str | int) -> Any:
+    async def command(
+        self,
+        key: bytes,
+        *args: bytes | str | int,
+        instead: tuple[bytes | str | int, ...] = (),
+        idempotent: bool = False,
+    ) -> Any:
         """Run one command on the primary that owns `key` (its slot, in a cluster) and return the
         reply. MOVED refreshes the slot map and sends it again; ASK sends it once to the importing
         node after ASKING; an error that means "not carried out here" (READONLY, LOADING,
-        CLUSTERDOWN, MASTERDOWN) ends the link and sends it once more on the next. BrokerUnavailable
-        when it cannot be carried; the loss is counted."""
+        CLUSTERDOWN, MASTERDOWN) ends the link and sends it once more on the next. `instead` is
+        sent if Redis answers NOSCRIPT (EVAL for an EVALSHA). An `idempotent` command whose
+        outcome the lost link left unknown is sent once more on the next link too.
+        BrokerUnavailable when it cannot be carried; the loss is counted."""
         link = await self._usable_link()
         ask: Address | None = None
         resent = False
@@ -121,10 +139,17 @@ class RedisBroker:
                     node = await self._node(link, self._topology.route(key))
                 return await node.pub.send(*args)
             except ConnectionLost:
+                next_link = await self._next_link(link) if idempotent and not resent else None
+                if next_link is not None:
+                    link, resent, ask = next_link, True, None
+                    continue
                 self._in_flight_lost += 1
                 metrics.BROKER_LOST.labels("in_flight").inc()
                 raise BrokerUnavailable("the Redis link was lost before Redis answered") from None
             except ReplyError as exc:
+                if instead and error_kind(exc) == "NOSCRIPT":
+                    args, instead = instead, ()
+                    continue
                 moved = redirect(exc, node.address)
                 if moved is not None and moved[0] == "MOVED":
                     self._topology.moved(moved[1], moved[2])
@@ -145,6 +170,40 @@ class RedisBroker:
                 raise BrokerUnavailable(f"Redis refused the command: {exc}") from None
         metrics.BROKER_LOST.labels("rejected").inc()
         raise BrokerUnavailable(f"Redis redirected the command more than {MAX_REDIRECTS} times")
+
+    async def append(self, envelope: Envelope, retention: Retention, key: str) -> Appended:
+        stream, meta, seen = history.keys(self._prefix, envelope.channel)
+        channel = self._prefix + envelope.channel.encode()
+        argv = (
+            channel,
+            self._publish,
+            envelope.frame,
+            repr(envelope.sent_at),
+            retention.size,
+            max(1, int(retention.ttl * 1000)),
+            secrets.token_hex(6),  # the epoch, should this message begin one
+            key,
+            max(history.DEDUPE_WINDOW, retention.size),
+        )
+        started = time.perf_counter()
+        epoch, offset, pods = await self.command(
+            channel,
+            b"EVALSHA", history.APPEND.sha, 3, stream, meta, seen, *argv,
+            instead=(b"EVAL", history.APPEND.source, 3, stream, meta, seen, *argv),
+            idempotent=True,  # the idempotency key makes a second try store it once
+        )  # fmt: skip
+        metrics.REDIS_PUBLISH_DURATION.observe(time.perf_counter() - started)
+        return Appended(Position(epoch.decode(), int(offset)), max(0, int(pods)), duplicate=int(pods) < 0)
+
+    async def history(self, channel: str, after: int | None, limit: int) -> History:
+        stream, meta, _ = history.keys(self._prefix, channel)
+        argv = ("" if after is None else after, limit)
+        reply = await self.command(
+            stream,
+            b"EVALSHA", history.READ.sha, 2, stream, meta, *argv,
+            instead=(b"EVAL", history.READ.source, 2, stream, meta, *argv),
+        )  # fmt: skip
+        return history.parse_read(reply, newest_first=after is None)
 
     async def subscribe(self, *channels: str) -> None:
         """Returns once Redis confirmed. While the link is down (after a first connect has had up to
@@ -394,6 +453,8 @@ class RedisBroker:
             log.info("broker.connected", nodes=nodes, channels=len(self._wanted))
             return
         metrics.REDIS_RECONNECTS.inc()
+        self._inbox.put_nowait([RESYNC])  # the hub reads history for what it may have missed
+        self._backlog += 1
         log.warning(  # the one line per outage that says what was lost
             "broker.reconnected",
             nodes=nodes,

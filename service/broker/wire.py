@@ -1,6 +1,8 @@
 """The envelope as it travels through Redis: a one-line header, then the frame text untouched.
 
     b"1 <sent_at> <target>\\n<frame>"      a message (target empty for a group message)
+    b"2 <sent_at> <epoch> <offset>\\n<frame>"  a message of a group that keeps history, written
+                                          by the history script (service/broker/history.py)
     b"P <nonce>\\n"                        a link probe; never reaches the hub
 
 The frame is already the exact JSON text members receive, so it is never parsed or re-encoded
@@ -13,6 +15,7 @@ from __future__ import annotations
 from service.broker import Envelope
 
 VERSION = b"1"
+POSITIONED = b"2"
 PROBE = b"P"
 
 
@@ -29,13 +32,16 @@ def decode(channel: str, payload: bytes) -> Envelope:
     """The envelope carried by `payload` on logical `channel`; BadPayload if it is not one."""
     head, newline, frame = payload.partition(b"\n")
     parts = head.split(b" ")
-    if not newline or len(parts) != 3 or parts[0] != VERSION:
-        raise BadPayload(head[:40])
     try:
-        sent_at = float(parts[1])
-        return Envelope(channel, frame.decode(), sent_at, parts[2].decode())
+        if newline and len(parts) == 3 and parts[0] == VERSION:
+            return Envelope(channel, frame.decode(), float(parts[1]), parts[2].decode())
+        if newline and len(parts) == 4 and parts[0] == POSITIONED and parts[2].isalnum():
+            offset = int(parts[3])
+            if offset > 0:
+                return Envelope(channel, frame.decode(), float(parts[1]), "", parts[2].decode(), offset)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadPayload(head[:40]) from exc
+    raise BadPayload(head[:40])
 
 
 def probe(nonce: str) -> bytes:

@@ -1,0 +1,115 @@
+"""Which groups keep history, and how much: rules by group-name pattern, read once at start-up.
+
+    # RELAY_GROUP_RULES_FILE=/etc/relay/groups.toml   (or .json, with the same structure)
+    [[group]]
+    match = "dashboard.*"     # a glob over group names; the first rule that matches wins
+    history = 100             # messages kept per group (1-100000); recovery and gap fill reach this far
+    ttl = 300                 # seconds the history lives after the group's last message
+    latest = false            # true: a member that joins first receives the group's latest message
+
+A group that no rule matches keeps no history: its messages carry no position and cost one PUBLISH,
+as before. Every error in the file stops the pod at start-up with the file, the rule and the field
+named, like the settings do.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from service.config import SettingsError
+
+MAX_HISTORY = 100_000
+MAX_TTL = 30 * 24 * 3600.0
+FIELDS = {"match", "history", "ttl", "latest"}
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRule:
+    """What a rule says about the groups it matches."""
+
+    match: str
+    history: int  # messages kept; 0 for none
+    ttl: float  # seconds after the last message
+    latest: bool  # send the latest message to every member that joins
+
+    @property
+    def keeps_history(self) -> bool:
+        return self.history > 0
+
+
+class GroupRules:
+    """The rules in file order; `for_group` gives the first that matches, cached per name."""
+
+    def __init__(self, rules: list[GroupRule]) -> None:
+        self.rules = tuple(rules)
+        self._cache: dict[str, GroupRule | None] = {}
+
+    def for_group(self, group: str) -> GroupRule | None:
+        try:
+            return self._cache[group]
+        except KeyError:
+            pass
+        found = next((r for r in self.rules if fnmatchcase(group, r.match)), None)
+        if len(self._cache) < 100_000:  # names are client input: never grow without bound
+            self._cache[group] = found
+        return found
+
+    def history_for(self, group: str) -> GroupRule | None:
+        """The matching rule if it keeps history, else None."""
+        rule = self.for_group(group)
+        return rule if rule is not None and rule.keeps_history else None
+
+    @classmethod
+    def load(cls, path: str) -> GroupRules:
+        """The rules in `path` (TOML, or JSON for a `.json` file); none for an empty path."""
+        if not path:
+            return cls([])
+        where = f"RELAY_GROUP_RULES_FILE={path!r}"
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise SettingsError(f"{where} cannot be read: {exc.strerror}") from None
+        try:
+            document = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(
+                f"{where} is not valid {'JSON' if path.endswith('.json') else 'TOML'}: {exc}"
+            ) from None
+        return cls.parse(document, where)
+
+    @classmethod
+    def parse(cls, document: Any, where: str = "group rules") -> GroupRules:
+        if not isinstance(document, dict) or set(document) - {"group"}:
+            raise SettingsError(f"{where}: expected only a list named `group` ([[group]] tables)")
+        entries = document.get("group", [])
+        if not isinstance(entries, list):
+            raise SettingsError(f"{where}: `group` must be a list of tables")
+        return cls([_rule(entry, f"{where}: group rule {n}") for n, entry in enumerate(entries, 1)])
+
+
+def _rule(entry: Any, where: str) -> GroupRule:
+    if not isinstance(entry, dict):
+        raise SettingsError(f"{where} must be a table")
+    unknown = sorted(set(entry) - FIELDS)
+    if unknown:
+        raise SettingsError(f"{where}: unknown field {unknown[0]!r} (expected {', '.join(sorted(FIELDS))})")
+    match = entry.get("match")
+    if not isinstance(match, str) or not match:
+        raise SettingsError(f'{where}: `match` must be a non-empty glob such as "dashboard.*"')
+    latest = entry.get("latest", False)
+    if not isinstance(latest, bool):
+        raise SettingsError(f"{where} ({match}): `latest` must be true or false")
+    history = entry.get("history", 1 if latest else 0)
+    if isinstance(history, bool) or not isinstance(history, int) or not 0 <= history <= MAX_HISTORY:
+        raise SettingsError(f"{where} ({match}): `history` must be a whole number from 0 to {MAX_HISTORY}")
+    if latest and history < 1:
+        raise SettingsError(f"{where} ({match}): `latest` needs a history of at least 1")
+    ttl = entry.get("ttl", 300)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL:
+        raise SettingsError(f"{where} ({match}): `ttl` must be a number of seconds from 1 to {int(MAX_TTL)}")
+    return GroupRule(match=match, history=history, ttl=float(ttl), latest=latest)
