@@ -24,7 +24,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard] on Linux and macOS
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(settings))
+        try:
+            runner.run(serve(settings))
+        except SettingsError as exc:  # read at start-up: key files, group rules
+            sys.exit(f"relay: invalid setting: {exc}")
 
 
 if __name__ == "__main__":

@@ -73,10 +73,13 @@ class RelayClient:
     """One v1 connection, or with `reconnect` a session over successive ones. Create it with
     `await RelayClient.connect(...)`."""
 
-    def __init__(self, urls: Sequence[str], options: dict[str, Any], reconnect: bool) -> None:
+    def __init__(
+        self, urls: Sequence[str], options: dict[str, Any], reconnect: bool, backoff: tuple[float, float]
+    ) -> None:
         self._urls = list(urls)
         self._options = options
         self._reconnect = reconnect
+        self._backoff = backoff
         self._next_url = 0
         self._refs = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -99,13 +102,15 @@ class RelayClient:
         origin: str | None = None,
         timeout: float = 10.0,
         reconnect: bool = False,
+        backoff: tuple[float, float] = BACKOFF,
     ) -> RelayClient:
         """Open a v1 socket at `url` (its path names a first group; `/` for none). Several URLs
-        are tried in turn when reconnecting."""
+        are tried in turn when reconnecting, each attempt after a jittered delay that starts at
+        `backoff[0]` seconds and doubles up to `backoff[1]` (no stampede when a pod drains)."""
         urls = [url] if isinstance(url, str) else list(url)
         if token is not None:
             urls = [_with_token(u, token) for u in urls]
-        client = cls(urls, {"origin": origin, "timeout": timeout}, reconnect)
+        client = cls(urls, {"origin": origin, "timeout": timeout}, reconnect, backoff)
         first = urlsplit(urls[0]).path.strip("/").replace("/", "_")
         await client._open(urls[0])
         if first:
@@ -198,15 +203,15 @@ class RelayClient:
                 return
 
     async def _reopen(self) -> bool:
-        delay = BACKOFF[0]
+        delay = self._backoff[0]
         while not self._closing:
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, self._backoff[1])
             self._next_url = (self._next_url + 1) % len(self._urls)
             url = _at_root(self._urls[self._next_url])  # groups are joined again below, with since
             try:
                 await self._open(url)
             except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.ConnectionClosed):
-                await asyncio.sleep(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, BACKOFF[1])
                 continue
             self.reconnects += 1
             self._rejoining = asyncio.get_running_loop().create_task(self._rejoin())

@@ -106,6 +106,12 @@ BROKER_LOST = Counter(
     # undecodable (not a relay envelope)
 )
 
+BROKER_RESENT = Counter(
+    "relay_broker_resent",
+    "Commands sent again on a new Redis link: the lost link left their outcome unknown (history appends, "
+    "made safe by their idempotency key) or Redis answered READONLY, LOADING, MASTERDOWN or CLUSTERDOWN",
+)
+
 API_REQUESTS = Counter(
     "relay_api_requests",
     "Requests to the internal port's keyed API (POST /api/publish, POST /drain) by outcome",

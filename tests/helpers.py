@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -160,18 +161,23 @@ def free_port() -> int:
 
 @dataclass
 class PodProcess:
-    """`python -m service` in a subprocess: for signals, exit codes and start-up failures."""
+    """`python -m service` in a subprocess: for signals, exit codes and start-up failures. Its
+    output goes to a pipe read at the end, or to `log_file` for a pod that runs long (a pipe nobody
+    reads would fill and stall it)."""
 
     proc: subprocess.Popen[str]
     port: int
     internal_port: int
     output: list[str] = field(default_factory=list)
+    log_file: Path | None = None
 
     def terminate(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float = 20) -> int:
         out, _ = self.proc.communicate(timeout=timeout)
+        if self.log_file is not None:
+            out = self.log_file.read_text()
         self.output.extend(out.splitlines())
         return self.proc.returncode
 
@@ -179,24 +185,33 @@ class PodProcess:
         return [json.loads(line) for line in self.output if line.startswith("{")]
 
 
-def start_pod_process(env: dict[str, str] | None = None, *args: str) -> PodProcess:
-    port, internal = free_port(), free_port()
+def start_pod_process(
+    env: dict[str, str] | None = None, *args: str, log_file: Path | None = None
+) -> PodProcess:
+    """A pod process, once its /healthz answers (or it has exited). RELAY_PORT and
+    RELAY_INTERNAL_PORT in `env` pick its ports, else free ones are used."""
+    env = env or {}
+    port = int(env.get("RELAY_PORT") or free_port())
+    internal = int(env.get("RELAY_INTERNAL_PORT") or free_port())
     full_env = {
         **os.environ,
+        "RELAY_LOG_FORMAT": "json",
+        **env,
         "RELAY_PORT": str(port),
         "RELAY_INTERNAL_PORT": str(internal),
-        "RELAY_LOG_FORMAT": "json",
-        **(env or {}),
     }
+    output = open(log_file, "w") if log_file is not None else subprocess.PIPE  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "service", *args],
         cwd=ROOT,
         env=full_env,
-        stdout=subprocess.PIPE,
+        stdout=output,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    pod = PodProcess(proc, port, internal)
+    if log_file is not None:
+        output.close()  # type: ignore[union-attr]  # the child has its own copy
+    pod = PodProcess(proc, port, internal, log_file=log_file)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:

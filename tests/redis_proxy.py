@@ -1,8 +1,10 @@
 """A TCP proxy between relay and a real redis-server, to break what Redis sends on purpose.
 
-Everything passes through unchanged until `corrupt()` writes bytes of the test's choosing into the
-stream towards relay on every open connection: a middlebox gone wrong, or a server speaking
-something other than RESP.
+Everything passes through unchanged until the test breaks it: `corrupt()` writes bytes of its
+choosing into the stream towards relay on every open connection (a middlebox gone wrong, a server
+speaking something other than RESP); `cut()` lets relay's commands through to Redis but drops Redis's
+replies, then closes the connections: commands carried out whose outcome relay never learns, as
+when a network partition or a dying node takes the replies with it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ class RedisProxy:
         self._target = target
         self._server: asyncio.Server | None = None
         self._towards_relay: list[asyncio.StreamWriter] = []
+        self._connections: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._muted: set[asyncio.StreamWriter] = set()  # towards relay: replies dropped
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
 
@@ -47,18 +51,34 @@ class RedisProxy:
             writer.write(data)
         return len(live)
 
+    async def cut(self, after: float) -> int:
+        """Drop every reply on the open connections from now on and close them `after` seconds
+        later; connections made afterwards pass through. How many were cut."""
+        cut = [c for c in self._connections if not c[0].is_closing()]
+        self._muted.update(to_relay for to_relay, _ in cut)
+        await asyncio.sleep(after)
+        for to_relay, to_redis in cut:
+            to_relay.close()
+            to_redis.close()
+        return len(cut)
+
     async def _accept(self, from_relay: asyncio.StreamReader, to_relay: asyncio.StreamWriter) -> None:
         from_redis, to_redis = await asyncio.open_connection("127.0.0.1", self._target)
         self._towards_relay.append(to_relay)
+        self._connections.append((to_relay, to_redis))
         for source, sink in ((from_relay, to_redis), (from_redis, to_relay)):
-            task = asyncio.get_running_loop().create_task(_pump(source, sink))
+            task = asyncio.get_running_loop().create_task(_pump(source, sink, self._muted))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
 
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def _pump(
+    source: asyncio.StreamReader, sink: asyncio.StreamWriter, muted: set[asyncio.StreamWriter]
+) -> None:
     try:
         while data := await source.read(65536):
+            if sink in muted:
+                continue
             sink.write(data)
             await sink.drain()
     except (ConnectionError, asyncio.CancelledError):

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from service.auth import Authenticator, AuthError
 from service.config import Settings
+from service.rules import GroupRules
 from tests.charts import (
     CHART,
     CI_VALUES,
@@ -300,6 +301,7 @@ RELAY_GROUPS = {
         "RELAY_JWT_AUDIENCE", "RELAY_JWT_ISSUER", "RELAY_JWT_REQUIRED_CLAIMS", "RELAY_JWT_LEEWAY",
     },
     "api": {"RELAY_API_KEYS"},
+    "groupRules": {"RELAY_GROUP_RULES_FILE"},
 }  # fmt: skip
 
 
@@ -883,3 +885,29 @@ def test_helm_test_is_left_out_when_tokens_are_required_and_none_is_given() -> N
             "valueFrom": {"secretKeyRef": {"name": "selftest-token", "key": "token"}},
         }
     ]
+
+
+def test_group_rules_reach_the_pod_as_a_file_relay_accepts() -> None:
+    """relay.groupRules become a mounted JSON file that relay's own validator reads as written, and a
+    change of rules rolls the pods; without rules nothing is rendered."""
+    rules = '[{"match": "chat.*", "history": 200, "ttl": 600}, {"match": "dash.*", "latest": true}]'
+    manifests = render(sets=(f"json:relay.groupRules={rules}",))
+    path = relay_config(manifests)["RELAY_GROUP_RULES_FILE"]
+    [groups] = [m for m in of_kind(manifests, "ConfigMap") if m["metadata"]["name"].endswith("-groups")]
+    parsed = GroupRules.parse(json.loads(groups["data"]["groups.json"]))
+    assert [(r.match, r.history, r.ttl, r.latest) for r in parsed.rules] == [
+        ("chat.*", 200, 600.0, False),
+        ("dash.*", 1, 300.0, True),
+    ]
+    container = relay_container(manifests)
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "group-rules"]
+    assert path == mount["mountPath"] + "/groups.json" and mount["readOnly"]
+    annotations = one(manifests, "Deployment", "relay")["spec"]["template"]["metadata"]["annotations"]
+    changed = render(sets=('json:relay.groupRules=[{"match": "chat.*", "history": 100}]',))
+    later = one(changed, "Deployment", "relay")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["checksum/groups"] != later["checksum/groups"]
+    plain = render()
+    assert "RELAY_GROUP_RULES_FILE" not in relay_config(plain)
+    assert not [m for m in of_kind(plain, "ConfigMap") if m["metadata"]["name"].endswith("-groups")]
+    with pytest.raises(RenderError, match="history"):
+        render(sets=('json:relay.groupRules=[{"match": "x", "history": -1}]',))

@@ -97,6 +97,7 @@ def test_rows_cover_the_issue_sections() -> None:
         "Backpressure and drops",
         "Connection lifecycle",
         "Redis",
+        "History and recovery",
         "Process",
     ]
 

@@ -212,7 +212,11 @@ async def traffic(pods: dict[str, PodProcess], redis: RedisServer) -> None:
     while not all(scrape(pod.internal_port, "relay_redis_up") == 0 for pod in pods.values()):
         assert time.monotonic() < deadline, "the pods never noticed Redis was gone"
         await asyncio.sleep(0.05)
-    await member_a.publish("lobby", during="outage")
+    await member_a.publish("lobby", during="outage")  # refused once the link has not come back in time
+    a_port = next(iter(pods.values())).internal_port
+    while scrape(a_port, "relay_broker_lost_total", reason="link_down") == 0:
+        assert time.monotonic() < deadline + 10, "the publish during the outage was never refused"
+        await asyncio.sleep(0.05)
     redis.start()
     await member_a.ws.close()
     await member_b.ws.close()

@@ -141,6 +141,7 @@ class RedisBroker:
             except ConnectionLost:
                 next_link = await self._next_link(link) if idempotent and not resent else None
                 if next_link is not None:
+                    metrics.BROKER_RESENT.inc()
                     link, resent, ask = next_link, True, None
                     continue
                 self._in_flight_lost += 1
@@ -164,6 +165,7 @@ class RedisBroker:
                     link.fail(reason)  # this link cannot carry it: rebuild it, whatever happens next
                     next_link = None if resent else await self._next_link(link)
                     if next_link is not None:
+                        metrics.BROKER_RESENT.inc()
                         link, resent, ask = next_link, True, None
                         continue
                 metrics.BROKER_LOST.labels("rejected").inc()
@@ -420,8 +422,10 @@ class RedisBroker:
             link.fail("topology_changed")
 
     async def _usable_link(self) -> _Link:
+        """The link, waiting up to `redis_timeout` for one while it is (re)connecting: a blip
+        (a killed connection, a failover) costs the caller a short wait, not a refusal."""
         link = self._link
-        if link is None and self._down_since is None:  # never connected yet: wait for the first link
+        if link is None and not self._closed:
             self._start()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._up.wait(), self._timeout)
