@@ -134,7 +134,7 @@ class Hub:
             members.add(conn)
             conn.groups.add(channel)
             try:
-                joined = Joined(await self._position(channel))
+                joined = Joined(await self._position(channel, rule))
             finally:
                 self._release(channel, conn)
             if channel not in conn.groups:
@@ -165,11 +165,12 @@ class Hub:
                         self._sequencer.track(channel, rule.history)
         return members
 
-    async def _position(self, channel: str) -> Position | None:
-        """Where the group stands now, None when its history cannot be read."""
+    async def _position(self, channel: str, rule: GroupRule) -> Position | None:
+        """Where the group stands now (an empty group gets its epoch now), None when its history
+        cannot be read."""
         try:
             metrics.HISTORY_READS.labels("position").inc()
-            history = await self._broker.history(channel, None, 0)
+            history = await self._broker.history(channel, None, 0, Retention(rule.history, rule.ttl))
         except BrokerUnavailable:
             return None
         return Position(history.epoch, history.top) if history.epoch else None

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-from service.broker import RESYNC, Envelope, History
+from service.broker import RESYNC, Envelope, History, Retention
 from service.broker.memory import MemoryBroker, MemoryBus
 
 
@@ -78,9 +78,11 @@ class GatedBroker(MemoryBroker):
         await self._gate("unsubscribe", channels)
         await super().unsubscribe(*channels)
 
-    async def history(self, channel: str, after: int | None, limit: int) -> History:
+    async def history(
+        self, channel: str, after: int | None, limit: int, start: Retention | None = None
+    ) -> History:
         await self._gate("history", (channel,))
-        return await super().history(channel, after, limit)
+        return await super().history(channel, after, limit, start)
 
 
 class LossyBroker(GatedBroker):

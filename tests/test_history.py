@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from service.broker.memory import MemoryBus
-from service.protocol import SUBPROTOCOL
+from service.client import MessagesMissed, RelayClient
+from service.protocol import SUBPROTOCOL, CloseCode
 from tests.fakes import GatedBroker, LossyBroker
 from tests.helpers import Client, join, metric, running_pod, ws_url
 
@@ -69,11 +70,12 @@ async def test_messages_of_a_history_group_carry_positions_for_v1_and_nothing_ne
     async with running_pod(group_rules_file=rules) as pod:
         member = await v1(ws_url(pod, "/"))
         seed = await join(ws_url(pod, "/chat"))
-        assert await request(member, task="join", group_name="chat") == {"ack": 1}  # no history yet
+        joined = await request(member, task="join", group_name="chat")  # an empty group: its epoch begins
+        epoch = joined["epoch"]
+        assert joined == {"ack": 1, "epoch": epoch, "offset": 0} and epoch
         publisher = await v1(ws_url(pod, "/"))
         ack = await request(publisher, task="send_message_to_group", group_name="chat", n=1)
-        epoch = ack["epoch"]
-        assert ack["offset"] == 1 and epoch
+        assert (ack["epoch"], ack["offset"]) == (epoch, 1)
         delivery = await member.next()
         assert delivery == {"group": "chat", "epoch": epoch, "offset": 1, "message": delivery["message"]}
         assert await seed.next() == {"message": delivery["message"]}  # the seed protocol, unchanged
@@ -238,3 +240,30 @@ async def test_the_publish_api_returns_the_position_and_stores_a_retry_once(rule
         assert again == {"pods": 0, "epoch": first["epoch"], "offset": 1, "duplicate": True}
         assert by_header.json()["offset"] == 2
         assert numbers([await member.next(), await member.next()]) == [1, 2]  # 1 once, then 2
+
+
+async def test_the_python_client_recovers_by_itself_and_says_when_it_cannot(rules: str) -> None:
+    """RelayClient(reconnect=True): a lost pod is followed by a rejoin from the last position; what
+    history still holds arrives in order, and where it no longer does, receive() says so once."""
+    bus = MemoryBus()
+    async with (
+        running_pod(GatedBroker(bus), group_rules_file=rules) as a,
+        running_pod(GatedBroker(bus), group_rules_file=rules) as b,
+    ):
+        urls = [ws_url(a, "/"), ws_url(b, "/")]
+        client = await RelayClient.connect(urls, reconnect=True, backoff=(1.0, 2.0))  # away 0.5-1 s
+        await client.join("chat")
+        await client.join("tiny")
+        await publish(b.port, "chat", 1)
+        assert (await client.receive(5)).message["n"] == 1
+        await a.pod.close_all(CloseCode.SERVICE_RESTART, 0.0)  # its pod drains
+        await publish(b.port, "chat", 3, start=2)  # published while it is away
+        await publish(b.port, "tiny", 5)  # more than `tiny` keeps
+        got = [(await client.receive(5)).message["n"] for _ in range(3)]  # chat is rejoined first
+        assert got == [2, 3, 4] and client.reconnects == 1
+        with pytest.raises(MessagesMissed) as missed:
+            await client.receive(5)
+        assert (missed.value.group, missed.value.reason) == ("tiny", "trimmed")
+        await publish(b.port, "tiny", 1, start=6)
+        assert (await client.receive(5)).message["n"] == 6  # and it goes on
+        await client.close()

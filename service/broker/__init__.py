@@ -94,9 +94,13 @@ class Broker(Protocol):
         Raises BrokerUnavailable when the bus cannot say it was stored."""
         ...
 
-    async def history(self, channel: str, after: int | None, limit: int) -> History:
+    async def history(
+        self, channel: str, after: int | None, limit: int, start: Retention | None = None
+    ) -> History:
         """The group's position and up to `limit` entries: those after offset `after`, or the last
-        `limit` when `after` is None. Raises BrokerUnavailable."""
+        `limit` when `after` is None. With `start`, a group that has no history yet gets an epoch
+        now, at offset 0, kept as `start` says: a member joining it has a position to recover
+        from even before the first message. Raises BrokerUnavailable."""
         ...
 
     async def subscribe(self, *channels: str) -> None:

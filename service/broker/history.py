@@ -64,11 +64,18 @@ return {epoch, tonumber(offset), pods}
 """
 )
 
-# KEYS: stream, meta. ARGV: the offset to read after ("" for the last entries), how many (0: the
-# position only; Redis answers COUNT 0 with nil).
+# KEYS: stream, meta, seen. ARGV: the offset to read after ("" for the last entries), how many (0:
+# the position only; Redis answers COUNT 0 with nil), and, to give a group that has no history yet
+# an epoch now (offset 0), that epoch and the ttl in ms (else "" and "").
 READ = Script(
     b"""
 local epoch = redis.call('HGET', KEYS[2], 'e') or ''
+if epoch == '' and ARGV[3] ~= '' then
+  epoch = ARGV[3]
+  redis.call('DEL', KEYS[1], KEYS[3])
+  redis.call('HSET', KEYS[2], 'e', epoch, 'o', 0)
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
 local top = tonumber(redis.call('HGET', KEYS[2], 'o') or '0')
 local entries = {}
 if ARGV[1] == '' and ARGV[2] ~= '0' then

@@ -63,8 +63,13 @@ class MemoryBus:
         pods = await self.publish(replace(envelope, epoch=position.epoch, offset=position.offset))
         return Appended(position, pods)
 
-    async def history(self, channel: str, after: int | None, limit: int) -> History:
-        stream = self._live(channel, time.monotonic())
+    async def history(
+        self, channel: str, after: int | None, limit: int, start: Retention | None = None
+    ) -> History:
+        now = time.monotonic()
+        stream = self._live(channel, now)
+        if stream is None and start is not None:
+            stream = self.streams[channel] = _Stream(secrets.token_hex(6), now + start.ttl)
         if stream is None:
             return History("", 0, [])
         if after is None:
@@ -100,8 +105,10 @@ class MemoryBroker:
     async def append(self, envelope: Envelope, retention: Retention, key: str) -> Appended:
         return await self._bus.append(envelope, retention, key)
 
-    async def history(self, channel: str, after: int | None, limit: int) -> History:
-        return await self._bus.history(channel, after, limit)
+    async def history(
+        self, channel: str, after: int | None, limit: int, start: Retention | None = None
+    ) -> History:
+        return await self._bus.history(channel, after, limit, start)
 
     async def subscribe(self, *channels: str) -> None:
         for channel in channels:

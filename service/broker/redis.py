@@ -197,13 +197,16 @@ class RedisBroker:
         metrics.REDIS_PUBLISH_DURATION.observe(time.perf_counter() - started)
         return Appended(Position(epoch.decode(), int(offset)), max(0, int(pods)), duplicate=int(pods) < 0)
 
-    async def history(self, channel: str, after: int | None, limit: int) -> History:
-        stream, meta, _ = history.keys(self._prefix, channel)
-        argv = ("" if after is None else after, limit)
+    async def history(
+        self, channel: str, after: int | None, limit: int, start: Retention | None = None
+    ) -> History:
+        stream, meta, seen = history.keys(self._prefix, channel)
+        begin = (secrets.token_hex(6), max(1, int(start.ttl * 1000))) if start is not None else ("", "")
+        argv = ("" if after is None else after, limit, *begin)
         reply = await self.command(
             stream,
-            b"EVALSHA", history.READ.sha, 2, stream, meta, *argv,
-            instead=(b"EVAL", history.READ.source, 2, stream, meta, *argv),
+            b"EVALSHA", history.READ.sha, 3, stream, meta, seen, *argv,
+            instead=(b"EVAL", history.READ.source, 3, stream, meta, seen, *argv),
         )  # fmt: skip
         return history.parse_read(reply, newest_first=after is None)
 
