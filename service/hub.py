@@ -124,26 +124,11 @@ class Hub:
             raise TooManyGroups(f"a connection may join at most {self._max_groups} groups")
         rule = self._rules.history_for(group)
         members = await self._subscribed(channel, rule)
-        if rule is not None and (since is not None or rule.latest):
-            return await self._recover(conn, group, channel, rule, since, on_joined)
-        if rule is None:
-            joined = Joined()
-        else:  # where the group stands, so the client can recover from there later
-            held: list[Envelope] = []
-            self._held.setdefault(channel, {})[conn] = held
-            members.add(conn)
-            conn.groups.add(channel)
-            try:
-                joined = Joined(await self._position(channel, rule))
-            finally:
-                self._release(channel, conn)
-            if channel not in conn.groups:
-                return Joined()
-            on_joined(joined)
-            self._flush(conn, group, held, "", 0)
-            return joined
+        if rule is not None:
+            return await self._join_history(conn, group, channel, rule, since, on_joined)
         members.add(conn)
         conn.groups.add(channel)
+        joined = Joined()
         on_joined(joined)
         return joined
 
@@ -165,17 +150,7 @@ class Hub:
                         self._sequencer.track(channel, rule.history)
         return members
 
-    async def _position(self, channel: str, rule: GroupRule) -> Position | None:
-        """Where the group stands now (an empty group gets its epoch now), None when its history
-        cannot be read."""
-        try:
-            metrics.HISTORY_READS.labels("position").inc()
-            history = await self._broker.history(channel, None, 0, Retention(rule.history, rule.ttl))
-        except BrokerUnavailable:
-            return None
-        return Position(history.epoch, history.top) if history.epoch else None
-
-    async def _recover(
+    async def _join_history(
         self,
         conn: Connection,
         group: str,
@@ -184,18 +159,23 @@ class Hub:
         since: Since | None,
         on_joined: Callable[[Joined], object],
     ) -> Joined:
-        """Join `conn` with what it missed (`since`) or the latest message first. Live messages
-        for it are held meanwhile; afterwards the ones history already gave it are dropped."""
+        """Join a group that keeps history: read where it stands (a group with none yet begins its
+        epoch now) and, with `since`, what `conn` missed, or with the `latest` rule its latest
+        message; send that first. Live messages for `conn` are held meanwhile and merged by offset
+        afterwards, so none is lost or sent twice at the seam."""
         held: list[Envelope] = []
         self._held.setdefault(channel, {})[conn] = held
         self._members[channel].add(conn)
         conn.groups.add(channel)
         history: History | None = None
+        purpose = "recovery" if since is not None else "latest" if rule.latest else "position"
         try:
-            metrics.HISTORY_READS.labels("recovery" if since is not None else "latest").inc()
-            history = await self._broker.history(
-                channel, since.offset if since is not None else None, rule.history if since else 1
-            )
+            metrics.HISTORY_READS.labels(purpose).inc()
+            if since is not None:
+                history = await self._broker.history(channel, since.offset, rule.history)
+            else:
+                start = Retention(rule.history, rule.ttl)
+                history = await self._broker.history(channel, None, 1 if rule.latest else 0, start)
         except BrokerUnavailable:
             pass
         finally:
