@@ -84,7 +84,11 @@ class RelayClient:
         self._refs = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._deliveries: asyncio.Queue[Delivery | BaseException] = asyncio.Queue()
-        self._groups: dict[str, tuple[str, int] | None] = {}  # joined group -> last position seen
+        # Per joined group: the position to rejoin from (the last delivery, or where a join's ack
+        # said the group stood), and the last delivery given to the application (to drop repeats;
+        # kept apart because a `latest` group's ack names the very message that follows it).
+        self._groups: dict[str, tuple[str, int] | None] = {}
+        self._seen: dict[str, tuple[str, int]] = {}
         self._connected = asyncio.Event()
         self._closing = False
         self.ws: ClientConnection
@@ -125,6 +129,7 @@ class RelayClient:
     async def leave(self, group: str) -> None:
         await self._request({"task": "leave", "group_name": group})
         self._groups.pop(group, None)
+        self._seen.pop(group, None)
 
     async def publish(
         self, group: str, fields: dict[str, Any], idempotency_key: str | None = None
@@ -269,9 +274,10 @@ class RelayClient:
     def _deliver(self, frame: dict[str, Any]) -> None:
         group, offset = frame.get("group"), frame.get("offset")
         if group is not None and offset is not None:
-            seen = self._groups.get(group)
+            seen = self._seen.get(group)
             if seen is not None and seen[0] == frame["epoch"] and offset <= seen[1]:
                 return  # had it already (overlapping recoveries)
+            self._seen[group] = (frame["epoch"], offset)
             if group in self._groups:
                 self._groups[group] = (frame["epoch"], offset)
         self._deliveries.put_nowait(Delivery(group, frame["message"], frame.get("epoch"), offset))

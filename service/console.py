@@ -1,6 +1,6 @@
 """The browser console: a static page at `GET /` on the public port (RELAY_CONSOLE, on by default).
 
-Three files under `service/console/` (HTML, CSS and a small seed-protocol client in plain JavaScript),
+Three files under `service/console/` (HTML, CSS and a small protocol v1 client in plain JavaScript),
 shipped as package data: no build step, no CDN, nothing fetched from elsewhere, so it works offline.
 They are read once when the app is built; the page gets the serving pod's id written into it.
 

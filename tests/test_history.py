@@ -267,3 +267,17 @@ async def test_the_python_client_recovers_by_itself_and_says_when_it_cannot(rule
         await publish(b.port, "tiny", 1, start=6)
         assert (await client.receive(5)).message["n"] == 6  # and it goes on
         await client.close()
+
+
+async def test_the_python_client_gets_a_latest_groups_message_on_join(rules: str) -> None:
+    """The join's ack names the latest message's position, and that message follows it: the client
+    must not take it for one it already had."""
+    async with running_pod(group_rules_file=rules) as pod:
+        await publish(pod.port, "dash.temp", 2)
+        client = await RelayClient.connect(ws_url(pod, "/"))
+        await client.join("dash.temp")
+        latest = await client.receive(5)
+        assert (latest.group, latest.offset, latest.message["n"]) == ("dash.temp", 2, 2)
+        await publish(pod.port, "dash.temp", 1, start=3)
+        assert (await client.receive(5)).message["n"] == 3
+        await client.close()

@@ -1,8 +1,11 @@
-// relay console: a seed-protocol WebSocket client in plain JavaScript (no build step, no dependencies).
+// relay console: a protocol v1 WebSocket client in plain JavaScript (no build step, no dependencies).
 //
-// Connect to ws(s)://<this host>/<group>; the first frame is {"message": {"channel_id": ...}}.
-// Publish {"task": "send_message_to_group", "group_name": G, ...}; direct-send
-// {"task": "send_message_to_channel", "channel_id": C, ...}; every delivery is {"message": <object>}.
+// It opens ws(s)://<this host>/ offering the subprotocol "relay.v1"; the first frame is the welcome
+// {"message": {"channel_id": C}}. Then it joins the chosen group: {"task": "join", "group_name": G,
+// "ref": R}, plus "since": {"epoch": E, "offset": N} when it has seen the group before, so that a
+// group that keeps history sends what was missed while away (docs/history.md). Deliveries are
+// {"group": G, "epoch": E, "offset": N, "message": {...}} (no position without history); direct
+// sends are {"message": {...}}; requests are answered {"ack": R, ...} or {"error": {..., "ref": R}}.
 "use strict";
 
 (() => {
@@ -84,6 +87,15 @@
   const BACKOFF_BASE_MS = 500;
   const BACKOFF_CAP_MS = 30000;
   const MAX_ROWS = 500; // the log keeps the newest rows only, so a busy group cannot eat the tab's memory
+  const SUBPROTOCOL = "relay.v1";
+  // Join errors worth another try after a backoff; any other one fails the same way again.
+  const TRANSIENT_ERRORS = new Set(["broker_unavailable", "rate_limited"]);
+  // Why a join with "since" could not recover (the ack's "reason").
+  const MISSED_BECAUSE = {
+    trimmed: "the group's history no longer holds them all",
+    epoch_changed: "the group's history was lost (it expired, or Redis restarted empty)",
+    unavailable: "the group's history could not be read",
+  };
 
   const $ = (id) => document.getElementById(id);
   const el = {
@@ -96,6 +108,7 @@
     status: $("status"),
     channelId: $("channel-id"),
     socketPod: $("socket-pod"),
+    position: $("position"),
     lastClose: $("last-close"),
     publishForm: $("publish-form"),
     publishGroup: $("publish-group"),
@@ -117,11 +130,18 @@
   const state = {
     ws: null, // the current socket, or null
     wanted: false, // the user asked to be connected (reconnects happen only while this is true)
-    attempt: 0, // reconnects since the last welcome frame: the backoff exponent
+    group: "", // the group the user asked for; every socket joins it
+    attempt: 0, // reconnects since the last acknowledged join: the backoff exponent
     timer: 0, // the pending reconnect
     ticker: 0, // the countdown shown while waiting to reconnect
     channelId: "",
     received: 0,
+    lastRef: 0,
+    pending: new Map(), // ref -> what the current socket asked for: { kind: "join" | "publish" | "direct", ... }
+    // Per group this page has joined: `since`, the position to rejoin from (null: the group keeps no
+    // history); `shown`, the last delivery shown (a repeat of it or of anything before is dropped);
+    // `recoverUpTo`, the last offset a recovering join said was coming from history.
+    groups: new Map(),
   };
 
   function describe(code) {
@@ -136,10 +156,11 @@
     return { code, name: "Unknown code", meaning: "Not a code the relay sends.", reconnect: true };
   }
 
-  function socketUrl(group, token) {
+  function socketUrl(token) {
+    // Always the root: the page joins its group with a join frame, so that it can say where it was.
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const query = token ? `?token=${encodeURIComponent(token)}` : "";
-    return `${scheme}//${location.host}/${encodeURIComponent(group)}${query}`;
+    return `${scheme}//${location.host}/${query}`;
   }
 
   function shownUrl(url) {
@@ -149,6 +170,10 @@
   function clock(date) {
     const two = (n) => String(n).padStart(2, "0");
     return `${two(date.getHours())}:${two(date.getMinutes())}:${two(date.getSeconds())}.${String(date.getMilliseconds()).padStart(3, "0")}`;
+  }
+
+  function plural(n, word) {
+    return `${n} ${word}${n === 1 ? "" : "s"}`;
   }
 
   function setStatus(kind, text) {
@@ -161,7 +186,9 @@
     el.disconnect.disabled = !state.wanted && state.ws === null;
   }
 
-  function logRow(kind, text) {
+  // One row of the frame log. `options.tag` replaces the kind's label; `options.offset` is a
+  // delivery's position in its group, shown as #N.
+  function logRow(kind, text, options = {}) {
     const now = new Date();
     const row = document.createElement("li");
     row.className = `frame frame-${kind}`;
@@ -171,7 +198,15 @@
     time.textContent = clock(now);
     const tag = document.createElement("span");
     tag.className = "tag";
-    tag.textContent = { in: "received", out: "sent", event: "event" }[kind];
+    tag.textContent = options.tag ?? { in: "received", out: "sent", event: "event" }[kind];
+    if (options.offset !== undefined) {
+      row.dataset.offset = String(options.offset);
+      const offset = document.createElement("span");
+      offset.className = "offset";
+      offset.title = `offset ${options.offset} in the group's epoch ${options.epoch}`;
+      offset.textContent = `#${options.offset}`;
+      tag.append(offset);
+    }
     const body = document.createElement("pre");
     body.textContent = text;
     row.append(time, tag, body);
@@ -183,6 +218,13 @@
     el.frameCount.textContent = `${state.received} received`;
   }
 
+  function showPosition() {
+    const known = state.groups.get(state.group);
+    if (known === undefined) el.position.textContent = "–";
+    else if (known.since === null) el.position.textContent = "none: this group keeps no history";
+    else el.position.textContent = `#${known.since.offset} · epoch ${known.since.epoch}`;
+  }
+
   function clearTimers() {
     clearTimeout(state.timer);
     clearInterval(state.ticker);
@@ -192,17 +234,17 @@
 
   function forgetChannel() {
     state.channelId = "";
+    state.pending.clear(); // refs belong to one socket: their answers died with it
     el.channelId.value = "";
     el.socketPod.textContent = "–";
   }
 
   function open() {
     clearTimers();
-    const group = el.group.value.trim();
-    const url = socketUrl(group, el.token.value);
+    const url = socketUrl(el.token.value);
     let ws;
     try {
-      ws = new WebSocket(url);
+      ws = new WebSocket(url, [SUBPROTOCOL]);
     } catch (err) {
       state.wanted = false;
       setStatus("stopped", `Cannot open ${shownUrl(url)}: ${err.message}`);
@@ -214,31 +256,39 @@
 
     ws.onopen = () => {
       if (ws !== state.ws) return;
-      logRow("event", `open ${shownUrl(url)}`);
-      setStatus("connecting", `Open; waiting for the channel id …`);
+      logRow("event", `open ${shownUrl(url)} (${ws.protocol || "no subprotocol"})`);
+      setStatus("connecting", "Open; waiting for the channel id …");
     };
 
     ws.onmessage = (event) => {
       if (ws !== state.ws) return;
-      const text = typeof event.data === "string" ? event.data : `(binary frame, ${event.data.size ?? event.data.byteLength} bytes)`;
       state.received += 1;
       countReceived();
-      logRow("in", text);
-      if (welcomed) return;
-      welcomed = true; // only the first frame of a socket is the relay's welcome
-      let channelId = "";
-      try {
-        channelId = JSON.parse(text)?.message?.channel_id ?? "";
-      } catch {
-        channelId = "";
+      if (typeof event.data !== "string") {
+        logRow("in", `(binary frame, ${event.data.size ?? event.data.byteLength} bytes)`);
+        return;
       }
-      if (typeof channelId !== "string" || !channelId) return;
-      state.channelId = channelId;
-      state.attempt = 0; // a welcome means the pod took us: the next drop starts the backoff afresh
-      el.channelId.value = channelId;
-      el.socketPod.textContent = channelId.split(".")[0];
-      if (!el.publishGroup.value.trim()) el.publishGroup.value = group;
-      setStatus("open", `Connected to group ${group || "(none)"}.`);
+      let frame = null;
+      try {
+        frame = JSON.parse(event.data);
+      } catch {
+        frame = null;
+      }
+      if (frame === null || typeof frame !== "object") {
+        logRow("in", event.data);
+      } else if (!welcomed) {
+        welcomed = true; // only the first frame of a socket is the relay's welcome
+        logRow("in", event.data);
+        welcome(frame);
+      } else if ("ack" in frame) {
+        logRow("in", event.data);
+        acknowledged(frame);
+      } else if ("error" in frame) {
+        logRow("in", event.data);
+        refused(frame.error);
+      } else {
+        deliver(frame, event.data);
+      }
     };
 
     ws.onclose = (event) => {
@@ -250,21 +300,129 @@
       el.lastClose.textContent = `${event.code} ${info.name}: ${info.meaning}${reason}`;
       el.lastClose.dataset.code = String(event.code);
       logRow("event", `closed ${event.code} ${info.name}${event.reason ? ` (${event.reason})` : ""}`);
+      const closed = `Closed with ${event.code} (${info.name})`;
       if (!state.wanted) {
         setStatus("idle", "Disconnected.");
       } else if (!info.reconnect) {
         state.wanted = false;
-        setStatus("stopped", `Closed with ${event.code} (${info.name}); not reconnecting: ${info.meaning}`);
-      } else if (!el.autoReconnect.checked) {
-        state.wanted = false;
-        setStatus("stopped", `Closed with ${event.code} (${info.name}); automatic reconnect is off.`);
+        setStatus("stopped", `${closed}; not reconnecting: ${info.meaning}`);
       } else {
-        scheduleReconnect(event.code, info);
+        reconnectLater(closed);
       }
     };
   }
 
-  function scheduleReconnect(code, info) {
+  function welcome(frame) {
+    const channelId = frame?.message?.channel_id;
+    if (typeof channelId !== "string" || !channelId) return;
+    state.channelId = channelId;
+    el.channelId.value = channelId;
+    el.socketPod.textContent = channelId.split(".")[0];
+    join();
+  }
+
+  function join() {
+    const group = state.group;
+    const since = state.groups.get(group)?.since ?? null;
+    const body = { task: "join", group_name: group, ref: nextRef() };
+    if (since !== null) body.since = since; // a group seen before: ask for what was missed
+    state.pending.set(body.ref, { kind: "join", group, since });
+    send(body);
+    setStatus("connecting", since ? `Rejoining group ${group} after #${since.offset} …` : `Joining group ${group} …`);
+  }
+
+  function acknowledged(ack) {
+    const request = state.pending.get(ack.ack);
+    state.pending.delete(ack.ack);
+    if (request?.kind === "join") joined(request, ack);
+  }
+
+  // A join took effect. Its ack comes before any message of the group and, for a group that keeps
+  // history, carries the group's last position; for a join with `since`, whether what was missed follows.
+  function joined({ group, since }, ack) {
+    state.attempt = 0; // the pod took us: the next drop starts the backoff afresh
+    if (!el.publishGroup.value.trim()) el.publishGroup.value = group;
+    const before = state.groups.get(group);
+    const known = before ?? { since: null, shown: null, recoverUpTo: 0 };
+    state.groups.set(group, known);
+    const position = typeof ack.epoch === "string" ? { epoch: ack.epoch, offset: ack.offset } : null;
+    known.recoverUpTo = 0;
+    if (position === null) {
+      known.since = null;
+      if (before !== undefined) {
+        logRow("event", `rejoined ${group}: it keeps no history, so what was published meanwhile is lost here`);
+      }
+      setStatus("open", `Connected to group ${group}.`);
+    } else if (since === null) {
+      known.since = position;
+      setStatus("open", `Connected to group ${group}.`);
+    } else if (ack.recovered) {
+      // The missed messages, since.offset + 1 up to the ack's offset, follow in order, then live ones.
+      const count = position.offset - since.offset;
+      known.recoverUpTo = position.offset;
+      const range = count > 0 ? ` (#${since.offset + 1} to #${position.offset})` : "";
+      logRow("event", `rejoined ${group} after #${since.offset}: recovered ${plural(count, "missed message")}${range}`);
+      setStatus("open", `Connected to group ${group}; recovered ${plural(count, "missed message")}.`);
+    } else {
+      known.since = position; // none of the missed range will come: carry on from the group's position
+      const reason = ack.reason ?? "no reason given";
+      const why = MISSED_BECAUSE[reason] ?? "the relay could not send them";
+      const missed = `messages were missed (${reason}): ${why}`;
+      logRow("event", `rejoined ${group} after #${since.offset}: ${missed}; the group is at #${position.offset}`);
+      setStatus("gap", `Connected to group ${group}, but ${missed}. Reload the page to start afresh.`);
+    }
+    showPosition();
+  }
+
+  function refused(error) {
+    const request = state.pending.get(error?.ref);
+    state.pending.delete(error?.ref);
+    const why = `${error?.code}: ${error?.detail}`;
+    if (request?.kind === "publish") fail(el.publishError, `The relay refused it (${why}).`);
+    else if (request?.kind === "direct") fail(el.directError, `The relay refused it (${why}).`);
+    else if (request?.kind === "join") joinRefused(request.group, error?.code, why);
+  }
+
+  function joinRefused(group, code, why) {
+    const failed = `Joining group ${group || "(empty)"} failed (${why})`;
+    letGo();
+    if (TRANSIENT_ERRORS.has(code)) {
+      reconnectLater(failed);
+    } else {
+      state.wanted = false;
+      setStatus("stopped", `${failed}; not reconnecting.`);
+    }
+  }
+
+  function deliver(frame, text) {
+    const { group, epoch, offset } = frame;
+    if (typeof epoch !== "string" || typeof offset !== "number") {
+      logRow("in", text); // a direct send, or a message of a group that keeps no history
+      return;
+    }
+    const known = state.groups.get(group);
+    if (known === undefined) {
+      logRow("in", text, { offset, epoch }); // not a group this page joined: nothing to track
+      return;
+    }
+    const shown = known.shown;
+    if (shown !== null && shown.epoch === epoch && offset <= shown.offset) {
+      logRow("event", `dropped a repeat of ${group} #${offset}: already shown`);
+      return;
+    }
+    const fromHistory = known.since?.epoch === epoch && offset <= known.recoverUpTo;
+    known.shown = { epoch, offset };
+    known.since = { epoch, offset };
+    logRow("in", text, { offset, epoch, tag: fromHistory ? "recovered" : "received" });
+    if (group === state.group) showPosition();
+  }
+
+  function reconnectLater(why) {
+    if (!el.autoReconnect.checked) {
+      state.wanted = false;
+      setStatus("stopped", `${why}; automatic reconnect is off.`);
+      return;
+    }
     // Exponential backoff with jitter: the ceiling doubles per attempt up to 30 s; the delay is
     // drawn from its upper half, so a pod's clients never all come back at the same instant.
     const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
@@ -273,7 +431,7 @@
     const due = Date.now() + delay;
     const show = () => {
       const left = Math.max(0, (due - Date.now()) / 1000).toFixed(1);
-      setStatus("waiting", `Closed with ${code} (${info.name}); reconnecting in ${left} s (attempt ${state.attempt}).`);
+      setStatus("waiting", `${why}; reconnecting in ${left} s (attempt ${state.attempt}).`);
     };
     show();
     state.ticker = setInterval(show, 100);
@@ -292,7 +450,9 @@
     if (state.ws !== null) logRow("event", "switching group: closing the current socket");
     letGo();
     state.wanted = true;
+    state.group = el.group.value.trim();
     state.attempt = 0;
+    showPosition();
     open();
   }
 
@@ -330,6 +490,11 @@
     return null;
   }
 
+  function nextRef() {
+    state.lastRef += 1;
+    return state.lastRef;
+  }
+
   function send(body) {
     if (state.ws === null || state.ws.readyState !== WebSocket.OPEN) return;
     const text = JSON.stringify(body);
@@ -337,26 +502,33 @@
     logRow("out", text);
   }
 
+  // A publish or direct send with a ref of its own, so an error can be shown beside its form.
+  function request(kind, body) {
+    const ref = nextRef();
+    state.pending.set(ref, { kind });
+    send({ ...body, ref });
+  }
+
   function publish() {
-    const extra = fields(el.publishBody, el.publishError, ["task", "group_name"]);
+    const extra = fields(el.publishBody, el.publishError, ["task", "group_name", "ref"]);
     if (extra === null) return;
-    const group = el.publishGroup.value.trim() || el.group.value.trim();
+    const group = el.publishGroup.value.trim() || state.group || el.group.value.trim();
     if (!group) {
       fail(el.publishError, "Name the group to publish to.");
       return;
     }
-    send({ task: "send_message_to_group", group_name: group, ...extra });
+    request("publish", { task: "send_message_to_group", group_name: group, ...extra });
   }
 
   function directSend() {
-    const extra = fields(el.directBody, el.directError, ["task", "channel_id"]);
+    const extra = fields(el.directBody, el.directError, ["task", "channel_id", "ref"]);
     if (extra === null) return;
     const channelId = el.directChannel.value.trim();
     if (!channelId) {
       fail(el.directError, "Paste a channel id (a connection's own id, shown when it connects).");
       return;
     }
-    send({ task: "send_message_to_channel", channel_id: channelId, ...extra });
+    request("direct", { task: "send_message_to_channel", channel_id: channelId, ...extra });
   }
 
   function submitOnCtrlEnter(textarea, form) {
