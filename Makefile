@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run lint fmt test test-fast redis-server chromium bench load-venv load-smoke clean tools helm-lint
+.PHONY: help install run lint fmt test test-fast redis-server chromium bench load-venv load-smoke clean tools helm-lint mutate
 
 help:             ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
@@ -97,5 +97,14 @@ test: lint redis-server chromium tools $(LOAD_STAMP) ## everything CI runs: lint
 test-fast: $(STAMP) ## unit tests only: no subprocesses, no Redis
 	$(BIN)/pytest -m "not integration"
 
+# Mutation testing (docs/mutation.md): mutmut, configured in pyproject.toml [tool.mutmut]. Slow (tens of
+# minutes), so neither `make test` nor CI runs it. Always a fresh run; results and survivors in mutants/.
+MUTATE_JOBS ?= 2
+mutate: $(STAMP) redis-server ## mutation testing of the relay core with mutmut (slow; not in CI)
+	@test -x $(BIN)/mutmut || $(BIN)/pip install --quiet -e '.[dev]'
+	rm -rf mutants
+	nice -n 19 $(BIN)/mutmut run --max-children $(MUTATE_JOBS)
+	$(BIN)/python -m tests.mutation_report --survivors mutants/survivors.txt
+
 clean:            ## remove the virtualenv and caches
-	rm -rf $(VENV) $(LOAD_VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOAD_VENV) .mypy_cache .pytest_cache .ruff_cache mutants
