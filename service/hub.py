@@ -182,6 +182,8 @@ class Hub:
             self._release(channel, conn)
         if channel not in conn.groups:  # it left, or its socket went, while history was read
             return Joined()
+        if history is not None:
+            self._sequencer.begin(channel, history.epoch, history.top)
         reason = _unrecoverable(since, history) if since is not None else None
         entries = history.entries if history is not None and reason is None else []
         epoch = history.epoch if history is not None else ""

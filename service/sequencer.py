@@ -60,6 +60,14 @@ class Sequencer:
     def tracks(self, channel: str) -> bool:
         return channel in self._streams
 
+    def begin(self, channel: str, epoch: str, offset: int) -> None:
+        """Where the group stood when the pod subscribed (a join's read of its history): the first
+        message after it may already be missing, and a resync must know where to read from.
+        Ignored once the pod has seen a message of the group."""
+        stream = self._streams.get(channel)
+        if stream is not None and stream.epoch is None and epoch:
+            stream.epoch, stream.offset = epoch, offset
+
     def accept(self, envelope: Envelope) -> None:
         """Deliver `envelope` in its place: now, after a fill, or not at all (a duplicate)."""
         stream = self._streams.get(envelope.channel)

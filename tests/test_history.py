@@ -281,3 +281,20 @@ async def test_the_python_client_gets_a_latest_groups_message_on_join(rules: str
         await publish(pod.port, "dash.temp", 1, start=3)
         assert (await client.receive(5)).message["n"] == 3
         await client.close()
+
+
+async def test_a_pod_that_misses_a_groups_first_messages_still_fills_them(rules: str) -> None:
+    """The pod subscribed and has seen no message of the group yet when its link drops: where it
+    stood comes from the join's read of history, so the resync reads what it missed."""
+    bus = MemoryBus()
+    lossy = LossyBroker(bus)
+    async with (
+        running_pod(GatedBroker(bus), group_rules_file=rules) as a,
+        running_pod(lossy, group_rules_file=rules) as b,
+    ):
+        member = await join(ws_url(b, "/chat.first"))
+        lossy.dropping = lambda envelope: True  # b's link is down from the first message on
+        await publish(a.port, "chat.first", 3)
+        lossy.dropping = lambda envelope: False
+        lossy.resync()
+        assert numbers([await member.next() for _ in range(3)]) == [1, 2, 3]

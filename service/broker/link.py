@@ -22,7 +22,11 @@ NOT_HERE = {
     "MASTERDOWN": "not_master",
     "LOADING": "loading",  # Redis is loading its data set after a restart
     "CLUSTERDOWN": "topology_changed",
+    # relay's function library is gone from that primary (FUNCTION FLUSH, a node that joined the
+    # cluster empty): the next link loads it again.
+    "function_missing": "function_missing",
 }
+MISSING_LIBRARY = "function_missing"
 
 
 class _Node:
@@ -136,5 +140,8 @@ def redirect(error: ReplyError, replied: Address) -> tuple[str, int, Address] | 
 
 
 def error_kind(error: ReplyError) -> str:
-    """The error's code word: `MOVED`, `READONLY`, `ERR`..."""
-    return str(error).partition(" ")[0]
+    """The error's code word: `MOVED`, `READONLY`, `ERR`..., or MISSING_LIBRARY."""
+    text = str(error)
+    if text.startswith("ERR Function not found"):
+        return MISSING_LIBRARY
+    return text.partition(" ")[0]

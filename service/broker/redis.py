@@ -94,6 +94,7 @@ class RedisBroker:
         self._down_since: float | None = None  # monotonic start of the current outage
         self._refused = 0  # publishes refused during the current outage
         self._in_flight_lost = 0
+        self._library_refused = False
 
     # --- Broker ---------------------------------------------------------------------------------
 
@@ -113,20 +114,14 @@ class RedisBroker:
         metrics.REDIS_PUBLISH_DURATION.observe(time.perf_counter() - started)
         return int(reached)
 
-    async def command(
-        self,
-        key: bytes,
-        *args: bytes | str | int,
-        instead: tuple[bytes | str | int, ...] = (),
-        idempotent: bool = False,
-    ) -> Any:
+    async def command(self, key: bytes, *args: bytes | str | int, idempotent: bool = False) -> Any:
         """Run one command on the primary that owns `key` (its slot, in a cluster) and return the
         reply. MOVED refreshes the slot map and sends it again; ASK sends it once to the importing
         node after ASKING; an error that means "not carried out here" (READONLY, LOADING,
-        CLUSTERDOWN, MASTERDOWN) ends the link and sends it once more on the next. `instead` is
-        sent if Redis answers NOSCRIPT (EVAL for an EVALSHA). An `idempotent` command whose
-        outcome the lost link left unknown is sent once more on the next link too.
-        BrokerUnavailable when it cannot be carried; the loss is counted."""
+        CLUSTERDOWN, MASTERDOWN) ends the link and sends it once more on the next, and so does a
+        history function missing from a primary (relay's library is loaded again on connecting).
+        An `idempotent` command whose outcome the lost link left unknown is sent once more on the
+        next link too. BrokerUnavailable when it cannot be carried; the loss is counted."""
         link = await self._usable_link()
         ask: Address | None = None
         resent = False
@@ -148,9 +143,6 @@ class RedisBroker:
                 metrics.BROKER_LOST.labels("in_flight").inc()
                 raise BrokerUnavailable("the Redis link was lost before Redis answered") from None
             except ReplyError as exc:
-                if instead and error_kind(exc) == "NOSCRIPT":
-                    args, instead = instead, ()
-                    continue
                 moved = redirect(exc, node.address)
                 if moved is not None and moved[0] == "MOVED":
                     self._topology.moved(moved[1], moved[2])
@@ -185,13 +177,10 @@ class RedisBroker:
             max(1, int(retention.ttl * 1000)),
             secrets.token_hex(6),  # the epoch, should this message begin one
             key,
-            max(history.DEDUPE_WINDOW, retention.size),
         )
         started = time.perf_counter()
         epoch, offset, pods = await self.command(
-            channel,
-            b"EVALSHA", history.APPEND.sha, 3, stream, meta, seen, *argv,
-            instead=(b"EVAL", history.APPEND.source, 3, stream, meta, seen, *argv),
+            channel, b"FCALL", history.APPEND, 3, stream, meta, seen, *argv,
             idempotent=True,  # the idempotency key makes a second try store it once
         )  # fmt: skip
         metrics.REDIS_PUBLISH_DURATION.observe(time.perf_counter() - started)
@@ -203,11 +192,7 @@ class RedisBroker:
         stream, meta, seen = history.keys(self._prefix, channel)
         begin = (secrets.token_hex(6), max(1, int(start.ttl * 1000))) if start is not None else ("", "")
         argv = ("" if after is None else after, limit, *begin)
-        reply = await self.command(
-            stream,
-            b"EVALSHA", history.READ.sha, 3, stream, meta, seen, *argv,
-            instead=(b"EVAL", history.READ.source, 3, stream, meta, seen, *argv),
-        )  # fmt: skip
+        reply = await self.command(stream, b"FCALL", history.READ, 3, stream, meta, seen, *argv)
         return history.parse_read(reply, newest_first=after is None)
 
     async def subscribe(self, *channels: str) -> None:
@@ -370,10 +355,22 @@ class RedisBroker:
             node.close()
             raise
         link.nodes[address] = node
+        await self._load_library(node)
         if not await self._sync(link, node, [node.probe_channel], ()):
             link.retire(node)
             raise ConnectionLost(f"{address} did not confirm the probe channel")
         return node
+
+    async def _load_library(self, node: _Node) -> None:
+        """relay's history functions, on this primary (FUNCTION LOAD REPLACE: idempotent, and a
+        newer pod's library of the same version is the same code). A Redis before 7.0 has no
+        functions: relay runs without history there, and says so once."""
+        try:
+            await node.pub.call(b"FUNCTION", b"LOAD", b"REPLACE", history.LIBRARY, timeout=self._timeout)
+        except ReplyError as exc:
+            if not self._library_refused:
+                self._library_refused = True
+                log.error("broker.history_unavailable", error=str(exc)[:200], needs="Redis 7.0+ functions")
 
     async def _node(self, link: _Link, address: Address | None) -> _Node:
         """The link's node for `address`, connected now if the slot map has just named it."""
