@@ -176,6 +176,15 @@ class Settings:
         "RELAY_GROUP_RULES_FILE",
         "TOML or JSON file of per-group rules (history, latest value): docs/history.md; empty: none",
     )
+    channels_pubsub_urls: str = _setting(
+        "",
+        "RELAY_CHANNELS_PUBSUB_URLS",
+        "Redis URLs of a Django app's RedisPubSubChannelLayer (its hosts, in order, comma-separated): "
+        "its group_send reaches relay members too; empty: off",
+    )
+    channels_pubsub_prefix: str = _setting(
+        "asgi", "RELAY_CHANNELS_PUBSUB_PREFIX", "that layer's `prefix` setting"
+    )
     ready_requires_broker: bool = _setting(
         True,
         "RELAY_READY_REQUIRES_BROKER",

@@ -25,7 +25,7 @@ from service import channels, metrics
 from service.broker import RESYNC, Broker, BrokerUnavailable, Envelope, History, Position, Retention
 from service.connection import Connection
 from service.limits import KeyedLock
-from service.protocol import Since, group_frame, pod_of
+from service.protocol import GROUP_NAME, Since, group_frame, pod_of
 from service.rules import GroupRule, GroupRules
 from service.sequencer import Sequencer
 
@@ -70,6 +70,7 @@ class Hub:
         self._connections: dict[str, Connection] = {}  # connection id -> connection
         self._held: dict[str, dict[Connection, list[Envelope]]] = {}  # members mid-recovery
         self._sequencer = Sequencer(broker, self._fan_out)
+        self._tasks: set[asyncio.Task[None]] = set()  # backends' group changes under way
         self._locks = KeyedLock()
         self.empty = asyncio.Event()  # set while the pod has no connections (the drain waits on it)
         self.empty.set()
@@ -293,6 +294,11 @@ class Hub:
             conn = self._connections.get(envelope.target)
             if conn is None:
                 metrics.SEND_QUEUE_DROPPED.labels("unknown_channel").inc()
+                if envelope.command:
+                    metrics.CONTROL_COMMANDS.labels("unknown_channel").inc()
+            elif envelope.command:
+                self._tasks.add(task := asyncio.get_running_loop().create_task(self._control(conn, envelope)))
+                task.add_done_callback(self._tasks.discard)
             elif conn.offer(envelope.frame):
                 metrics.MESSAGES_SENT.inc()
             return
@@ -302,6 +308,24 @@ class Hub:
             self._sequencer.resync()
         else:
             self._fan_out(envelope)
+
+    async def _control(self, conn: Connection, envelope: Envelope) -> None:
+        """A backend's group change for one connection (the Django layer's group_add/discard)."""
+        verb, _, group = envelope.command.partition(" ")
+        if GROUP_NAME.fullmatch(group) is None:
+            metrics.CONTROL_COMMANDS.labels("refused").inc()
+            return
+        try:
+            async with self._locks.hold("conn " + conn.id):  # one connection's changes in order
+                if verb == "join":
+                    await self.join(conn, group)
+                    metrics.CONTROL_COMMANDS.labels("joined").inc()
+                else:
+                    await self.leave(conn, group)
+                    metrics.CONTROL_COMMANDS.labels("left").inc()
+        except (TooManyGroups, BrokerUnavailable) as exc:
+            metrics.CONTROL_COMMANDS.labels("refused").inc()
+            log.warning("hub.control_refused", conn_id=conn.id, verb=verb, error=type(exc).__name__)
 
     def _fan_out(self, envelope: Envelope) -> None:
         members = self._members.get(envelope.channel)

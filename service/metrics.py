@@ -112,6 +112,20 @@ BROKER_RESENT = Counter(
     "made safe by their idempotency key) or Redis answered READONLY, LOADING, MASTERDOWN or CLUSTERDOWN",
 )
 
+CONTROL_COMMANDS = Counter(
+    "relay_control_commands",
+    "A backend's changes to one connection's groups (the Django channel layer's group_add and "
+    "group_discard for a relay channel id), by outcome",
+    ["outcome"],  # joined | left | unknown_channel | refused
+)
+for _outcome in ("joined", "left", "unknown_channel", "refused"):
+    CONTROL_COMMANDS.labels(_outcome)
+
+CHANNELS_PUBSUB_MESSAGES = Counter(
+    "relay_channels_pubsub_messages",
+    "Group messages received from a Django app's RedisPubSubChannelLayer (RELAY_CHANNELS_PUBSUB_URLS)",
+)
+
 API_REQUESTS = Counter(
     "relay_api_requests",
     "Requests to the internal port's keyed API (POST /api/publish, POST /drain) by outcome",

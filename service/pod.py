@@ -35,10 +35,10 @@ BATCH_INTERVAL = 0.05  # seconds between drain batches at most; fewer sockets me
 class Pod:
     """One relay process: what the public endpoint and the internal HTTP routes share."""
 
-    def __init__(self, settings: Settings, broker: Broker) -> None:
+    def __init__(self, settings: Settings, broker: Broker, rules: GroupRules | None = None) -> None:
         self.settings = settings
         self.broker = broker
-        self.rules = GroupRules.load(settings.group_rules_file)  # a bad file stops start-up
+        self.rules = rules if rules is not None else GroupRules.load(settings.group_rules_file)
         self.hub = Hub(broker, settings.pod_id, max_groups=settings.max_groups, rules=self.rules)
         self.auth = Authenticator(settings)  # reads key files now: a bad one stops start-up
         self.allowed_origins = split(settings.allowed_origins)

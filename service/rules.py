@@ -59,6 +59,19 @@ class GroupRules:
             self._cache[group] = found
         return found
 
+    def document(self) -> str:
+        """The rules as canonical JSON (the file's structure), for other writers that need them:
+        the pods publish it in Redis as `<prefix>:rules` (the Django channel layer reads it)."""
+        return json.dumps(
+            {
+                "group": [
+                    {"match": r.match, "history": r.history, "ttl": r.ttl, "latest": r.latest}
+                    for r in self.rules
+                ]
+            },
+            separators=(",", ":"),
+        )
+
     def history_for(self, group: str) -> GroupRule | None:
         """The matching rule if it keeps history, else None."""
         rule = self.for_group(group)

@@ -21,6 +21,7 @@ from service.app import create_internal_app, create_public_app
 from service.broker import Broker, open_broker
 from service.config import Settings
 from service.pod import Pod
+from service.rules import GroupRules
 
 log = structlog.get_logger("relay.server")
 
@@ -45,7 +46,8 @@ class PodServer:
 
     def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
         self.settings = settings
-        self.pod = Pod(settings, broker or open_broker(settings))
+        rules = GroupRules.load(settings.group_rules_file)  # a bad file stops start-up
+        self.pod = Pod(settings, broker or open_broker(settings, rules), rules)
         self.port = settings.port
         self.internal_port = settings.internal_port
         self._servers: list[tuple[_Server, socket.socket]] = []

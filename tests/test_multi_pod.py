@@ -114,14 +114,16 @@ async def test_concurrent_publishers_on_two_pods_keep_order_and_never_duplicate(
 async def test_nothing_is_left_in_redis_after_every_member_leaves(
     redis_server: RedisServer, redis_prefix: str
 ) -> None:
-    """Group subscriptions end with the last member on each pod; the relay never writes a key."""
+    """Group subscriptions end with the last member on each pod; without history rules the relay
+    writes one key, its (empty) rules for other writers, and nothing per group."""
     async with pods(redis_server.url, redis_prefix, 2) as (p0, p1):
         clients = [await join(ws_url(p, f"/g{n}")) for n in range(5) for p in (p0, p1)]
         groups = set(redis_server.call("PUBSUB", "CHANNELS", f"{redis_prefix}:g:*"))
         assert groups == {f"{redis_prefix}:{channels.group(f'g{n}')}" for n in range(5)}
         await close_all(*clients)
         await eventually(lambda: not redis_server.call("PUBSUB", "CHANNELS", f"{redis_prefix}:g:*"))
-        assert redis_server.call("KEYS", f"{redis_prefix}*") == []
+        assert redis_server.call("KEYS", f"{redis_prefix}*") == [f"{redis_prefix}:rules"]
+        assert redis_server.call("GET", f"{redis_prefix}:rules") == '{"group":[]}'
     assert redis_server.call("PUBSUB", "CHANNELS", f"{redis_prefix}:*") == []  # pods gone: nothing
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from service.config import Settings
+    from service.rules import GroupRules
 
 REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
 
@@ -23,6 +24,8 @@ class Envelope:
     `sent_at` is the origin pod's wall clock when it accepted the publish (for the cross-pod fan-out
     latency); `target` is a connection id for a direct send, empty for a group message. A message of
     a group that keeps history carries its position: `epoch` and `offset` (1, 2, 3... per epoch).
+    `command` is a change to the target connection's groups instead of a frame (`join <group>`,
+    `leave <group>`), sent by a backend (the Django channel layer's group_add and group_discard).
     """
 
     channel: str
@@ -31,6 +34,7 @@ class Envelope:
     target: str = ""
     epoch: str = ""
     offset: int = 0
+    command: str = ""
 
 
 # Yielded by `messages()` when the link to the bus came back after losing it: anything may have been
@@ -134,8 +138,9 @@ class Broker(Protocol):
         ...
 
 
-def open_broker(settings: Settings) -> Broker:
-    """The broker for RELAY_BROKER_URL's scheme. Client libraries are imported only when used."""
+def open_broker(settings: Settings, rules: GroupRules | None = None) -> Broker:
+    """The broker for RELAY_BROKER_URL's scheme. Client libraries are imported only when used.
+    With Redis, `rules` are published as `<prefix>:rules` for other writers to relay's groups."""
     url = settings.broker_url
     scheme = url.partition("://")[0]
     if scheme == "memory":
@@ -147,14 +152,38 @@ def open_broker(settings: Settings) -> Broker:
         from service.broker.topology import connect_options, open_topology, parse_url
 
         parsed = parse_url(url)
-        return RedisBroker(
+        broker = RedisBroker(
             open_topology(parsed),
             connect_options(parsed, settings),
             pod_id=settings.pod_id,
             prefix=settings.redis_prefix,
             probe_interval=settings.redis_probe_interval,
             backoff_max=settings.redis_backoff_max,
+            announce={b"rules": (rules.document() if rules is not None else '{"group":[]}').encode()},
         )
+        if not settings.channels_pubsub_urls:
+            return broker
+        from service.broker import channels_pubsub
+        from service.config import split
+
+        prefix = settings.channels_pubsub_prefix
+        listeners: list[Broker] = []
+        for host in split(settings.channels_pubsub_urls):
+            listening = parse_url(host)
+            listeners.append(
+                RedisBroker(
+                    open_topology(listening),
+                    connect_options(listening, settings),
+                    pod_id=settings.pod_id,
+                    prefix=settings.redis_prefix,
+                    probe_interval=settings.redis_probe_interval,
+                    backoff_max=settings.redis_backoff_max,
+                    naming=channels_pubsub.naming(prefix),
+                    decode=channels_pubsub.decode,
+                    history=False,
+                )
+            )
+        return channels_pubsub.BridgedBroker(broker, listeners, prefix)
     raise ValueError(
         f"unsupported broker URL scheme {scheme!r} in RELAY_BROKER_URL (expected memory://, "
         "redis://, rediss://, redis+sentinel:// or redis+cluster://)"

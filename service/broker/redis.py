@@ -26,7 +26,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -69,6 +69,10 @@ class RedisBroker:
         prefix: str = "relay",
         probe_interval: float = 5.0,
         backoff_max: float = 5.0,
+        announce: dict[bytes, bytes] | None = None,
+        naming: Callable[[str], bytes] | None = None,
+        decode: Callable[[str, bytes], Envelope] = wire.decode,
+        history: bool = True,
     ) -> None:
         self._topology = topology
         self._options = options
@@ -95,6 +99,12 @@ class RedisBroker:
         self._refused = 0  # publishes refused during the current outage
         self._in_flight_lost = 0
         self._library_refused = False
+        self._announce = announce or {}  # written under the prefix on every link: the group rules
+        # How logical channels are named in Redis, and what a payload becomes: relay's own, unless
+        # this link listens to another system's channels (service/broker/channels_pubsub.py).
+        self._name = naming or (lambda channel: self._prefix + channel.encode())
+        self._decode = decode
+        self._history = history  # load relay's functions library on each primary
 
     # --- Broker ---------------------------------------------------------------------------------
 
@@ -108,7 +118,7 @@ class RedisBroker:
         return self._closed or supervisor is None or not supervisor.done()
 
     async def publish(self, envelope: Envelope) -> int:
-        channel = self._prefix + envelope.channel.encode()
+        channel = self._name(envelope.channel)
         started = time.perf_counter()
         reached = await self.command(channel, self._publish, channel, wire.encode(envelope))
         metrics.REDIS_PUBLISH_DURATION.observe(time.perf_counter() - started)
@@ -167,7 +177,7 @@ class RedisBroker:
 
     async def append(self, envelope: Envelope, retention: Retention, key: str) -> Appended:
         stream, meta, seen = history.keys(self._prefix, envelope.channel)
-        channel = self._prefix + envelope.channel.encode()
+        channel = self._name(envelope.channel)
         argv = (
             channel,
             self._publish,
@@ -199,7 +209,7 @@ class RedisBroker:
         """Returns once Redis confirmed. While the link is down (after a first connect has had up to
         `redis_timeout` to succeed) raises BrokerUnavailable; the channels stay wanted either way,
         so the next link subscribes them: a caller that gives up unsubscribes."""
-        names = [self._prefix + c.encode() for c in channels]
+        names = [self._name(c) for c in channels]
         self._wanted.update(zip(names, channels, strict=True))
         metrics.REDIS_SUBSCRIPTIONS.set(len(self._wanted))
         self._start()
@@ -222,7 +232,7 @@ class RedisBroker:
         raise BrokerUnavailable("the Redis link is down: the subscription could not be confirmed")
 
     async def unsubscribe(self, *channels: str) -> None:
-        names = [self._prefix + c.encode() for c in channels]
+        names = [self._name(c) for c in channels]
         for name in names:
             self._wanted.pop(name, None)
         metrics.REDIS_SUBSCRIPTIONS.set(len(self._wanted))
@@ -327,6 +337,11 @@ class RedisBroker:
                 first.role_checked = time.monotonic()
                 if role[0] != b"master":
                     raise ConnectionLost(f"{addresses[0]} is not a master yet")
+            for name, value in self._announce.items():
+                key = self._prefix + name
+                await link.nodes[self._topology.route(key) or addresses[0]].pub.call(
+                    b"SET", key, value, timeout=self._timeout
+                )
             if not await self._reconcile(link):
                 raise ConnectionLost("Redis did not confirm the subscriptions in time")
             await asyncio.wait_for(
@@ -355,7 +370,8 @@ class RedisBroker:
             node.close()
             raise
         link.nodes[address] = node
-        await self._load_library(node)
+        if self._history:
+            await self._load_library(node)
         if not await self._sync(link, node, [node.probe_channel], ()):
             link.retire(node)
             raise ConnectionLost(f"{address} did not confirm the probe channel")
@@ -633,7 +649,7 @@ class RedisBroker:
                     logical = wanted.get(channel)
                     if logical is not None:
                         try:
-                            envelopes.append(wire.decode(logical, payload))
+                            envelopes.append(self._decode(logical, payload))
                         except wire.BadPayload:
                             metrics.BROKER_LOST.labels("undecodable").inc()
                     elif (

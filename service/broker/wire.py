@@ -3,6 +3,7 @@
     b"1 <sent_at> <target>\\n<frame>"      a message (target empty for a group message)
     b"2 <sent_at> <epoch> <offset>\\n<frame>"  a message of a group that keeps history, written
                                           by the history script (service/broker/history.py)
+    b"C <verb> <target> <group>\\n"        join or leave: a backend changes one connection's groups
     b"P <nonce>\\n"                        a link probe; never reaches the hub
 
 The frame is already the exact JSON text members receive, so it is never parsed or re-encoded
@@ -16,6 +17,8 @@ from service.broker import Envelope
 
 VERSION = b"1"
 POSITIONED = b"2"
+CONTROL = b"C"
+VERBS = (b"join", b"leave")
 PROBE = b"P"
 
 
@@ -35,6 +38,9 @@ def decode(channel: str, payload: bytes) -> Envelope:
     try:
         if newline and len(parts) == 3 and parts[0] == VERSION:
             return Envelope(channel, frame.decode(), float(parts[1]), parts[2].decode())
+        if newline and len(parts) == 4 and parts[0] == CONTROL and parts[1] in VERBS and not frame:
+            command = (parts[1] + b" " + parts[3]).decode()
+            return Envelope(channel, "", 0.0, parts[2].decode(), command=command)
         if newline and len(parts) == 4 and parts[0] == POSITIONED and parts[2].isalnum():
             offset = int(parts[3])
             if offset > 0:
