@@ -11,10 +11,13 @@ STAMP := $(VENV)/.installed
 help:             ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
 
-$(STAMP): pyproject.toml
+# .venv also gets relay_channels (clients/django, the Django layer) for its contract tests, without
+# Django (mypy finds it through mypy_path in pyproject.toml).
+$(STAMP): pyproject.toml clients/django/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps -e clients/django
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install relay with its development tools
@@ -24,13 +27,14 @@ run: $(STAMP)     ## one pod on 127.0.0.1:8000 (internal :8001) with the in-memo
 	RELAY_DRAIN_DELAY=$${RELAY_DRAIN_DELAY:-0} $(BIN)/python -m service
 
 lint: $(STAMP)    ## ruff (format and rules) and mypy --strict, changing nothing
-	$(BIN)/ruff format --check service tests loadtest
-	$(BIN)/ruff check service tests loadtest
+	$(BIN)/ruff format --check service tests loadtest clients/django
+	$(BIN)/ruff check service tests loadtest clients/django
 	$(BIN)/mypy
+	cd clients/django && ../../$(BIN)/mypy
 
 fmt: $(STAMP)     ## apply ruff's formatting and safe fixes
-	$(BIN)/ruff format service tests loadtest
-	$(BIN)/ruff check --fix service tests loadtest
+	$(BIN)/ruff format service tests loadtest clients/django
+	$(BIN)/ruff check --fix service tests loadtest clients/django
 
 redis-server:     ## make sure redis-server is installed (apt-get when root), else fail clearly
 	@command -v redis-server >/dev/null || { \
@@ -77,7 +81,7 @@ helm-lint: tools  ## lint the chart (--strict) and render it with every values f
 # apart from .venv so the development tools stay lean.
 LOAD_VENV := .venv-load
 LOAD_STAMP := $(LOAD_VENV)/.installed
-$(LOAD_STAMP): loadtest/requirements.txt
+$(LOAD_STAMP): loadtest/requirements.txt clients/django/pyproject.toml
 	$(PYTHON) -m venv $(LOAD_VENV)
 	$(LOAD_VENV)/bin/pip install --quiet --upgrade pip
 	$(LOAD_VENV)/bin/pip install --quiet -r loadtest/requirements.txt
