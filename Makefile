@@ -95,6 +95,9 @@ load-smoke: $(STAMP) $(LOAD_STAMP) redis-server ## the Locust smoke profile and 
 bench: $(STAMP) $(LOAD_STAMP) redis-server ## side-by-side benchmark (relay 1 and 2 pods vs Django Channels): docs/benchmarks.md
 	ulimit -n $$(ulimit -Hn) && $(LOAD_VENV)/bin/python -m loadtest.bench
 
+bench-history: $(STAMP) redis-server ## what per-group history costs, off and on side by side: docs/history.md
+	ulimit -n $$(ulimit -Hn) && $(BIN)/python -m loadtest.history_cost --json docs/results/history-cost.json
+
 test: lint redis-server chromium tools $(LOAD_STAMP) ## everything CI runs: lint, unit and end-to-end tests (starts its own redis-server)
 	$(BIN)/pytest -n auto --dist loadgroup
 
