@@ -80,6 +80,9 @@ def code_label(code: int) -> str:
     return str(code) if code in KNOWN_CODES else "other"
 
 
+metrics.export_at_zero(metrics.DISCONNECTS, [*map(str, sorted(KNOWN_CODES)), "other"])
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     reason: str

@@ -1,7 +1,17 @@
 """Every Prometheus metric the relay exports, in one place. Labels are small fixed sets: never a
-group name, connection id or address, so cardinality stays bounded whatever clients do."""
+group name, connection id or address, so cardinality stays bounded whatever clients do.
+
+Every label value a counter can take is listed here and exported at zero from the start (Prometheus
+practice): a dashboard or an alert sees the series before the first event, and `increase()` counts
+the first one (a series born at 1 would look like no increase). tests/test_metrics.py checks that
+the code counts no value missing from these lists, and that an idle pod exports every series the
+dashboard and the alerts query. The close codes of relay_disconnects_total are set up in
+service/endpoint.py, next to the codes it knows.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
@@ -15,10 +25,12 @@ BUILD_INFO.info({"version": __version__})
 
 CONNECTIONS = Gauge("relay_connections", "Open WebSocket connections on this pod (also the HPA metric)")
 CONNECTIONS_OPENED = Counter("relay_connections_opened", "WebSocket connections accepted into a group")
+REJECT_REASONS = (
+    "origin", "invalid_group", "draining", "capacity", "unauthorized", "token_expired", "forbidden",
+    "connect_rate", "user_connect_rate", "user_connections", "broker", "internal_error",
+)  # fmt: skip
 CONNECTIONS_REJECTED = Counter(
-    "relay_connections_rejected",
-    "Handshakes accepted and then closed at once, by reason",
-    ["reason"],  # invalid_group | capacity | draining
+    "relay_connections_rejected", "Handshakes accepted and then closed at once, by reason", ["reason"]
 )
 DISCONNECTS = Counter(
     "relay_disconnects",
@@ -26,12 +38,13 @@ DISCONNECTS = Counter(
     ["code"],
 )
 GROUPS = Gauge("relay_groups", "Groups with at least one member on this pod")
-MESSAGES_RECEIVED = Counter(
-    "relay_messages_received",
-    "Client frames by outcome",
-    ["outcome"],  # published | direct | bad_json | not_object | unknown_task | invalid_group |
-    # invalid_channel | binary | rate_limited | broker_error
-)
+RECEIVED_OUTCOMES = (
+    "published", "direct", "joined", "left", "forbidden", "unknown_channel", "too_many_groups",
+    "broker_error", "too_large", "rate_limited", "binary",
+    # frames the protocol rejects (protocol.RejectReason)
+    "bad_json", "not_object", "unknown_task", "invalid_group", "invalid_channel", "bad_ref", "bad_since",
+)  # fmt: skip
+MESSAGES_RECEIVED = Counter("relay_messages_received", "Client frames by outcome", ["outcome"])
 MESSAGES_SENT = Counter("relay_messages_sent", "Frames handed to member sockets on this pod")
 GROUP_FANOUT_LATENCY = Histogram(
     "relay_group_fanout_latency_seconds",
@@ -49,10 +62,9 @@ FANOUT_RECIPIENTS = Histogram(
     "Local members one message was handed to",
     buckets=(0, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
 )
+DROP_REASONS = ("slow_consumer", "closed", "unknown_channel")
 SEND_QUEUE_DROPPED = Counter(
-    "relay_send_queue_dropped",
-    "Frames that never reached a member socket, by reason",
-    ["reason"],  # slow_consumer | closed | unknown_channel
+    "relay_send_queue_dropped", "Frames that never reached a member socket, by reason", ["reason"]
 )
 SLOW_CONSUMER_DISCONNECTS = Counter(
     "relay_slow_consumer_disconnects", "Sockets closed with 4008 for falling behind their outbox"
@@ -80,11 +92,15 @@ DRAINING = Gauge("relay_draining", "1 while this pod is draining (unready, closi
 # Redis broker (redis://, rediss://, redis+sentinel://, redis+cluster://); see docs/redis.md.
 REDIS_UP = Gauge("relay_redis_up", "1 while the Redis link is proven: connected, subscribed, probe answered")
 REDIS_RECONNECTS = Counter("relay_redis_reconnects", "Times the Redis link came back after it was lost")
+LINK_FAILURE_REASONS = (
+    "connection_lost", "protocol_error", "probe_timeout", "publish_timeout", "subscribe_timeout",
+    "subscribe_refused", "not_master", "loading", "topology_changed", "function_missing",
+    "connect_failed", "error",
+)  # fmt: skip
 REDIS_LINK_FAILURES = Counter(
     "relay_redis_link_failures",
     "Times the Redis link was declared dead or an attempt to open it failed, by reason",
-    ["reason"],  # connection_lost | protocol_error | probe_timeout | publish_timeout | subscribe_timeout |
-    # subscribe_refused | not_master | loading | topology_changed | connect_failed | error
+    ["reason"],
 )
 REDIS_SLOT_MAP_REFRESHES = Counter(
     "relay_redis_slot_map_refreshes",
@@ -98,13 +114,10 @@ REDIS_PUBLISH_DURATION = Histogram(
 REDIS_SUBSCRIPTIONS = Gauge(
     "relay_redis_subscriptions", "Redis channels this pod wants: groups with local members, its own channels"
 )
-BROKER_LOST = Counter(
-    "relay_broker_lost",
-    "Messages the broker could not carry, by reason",
-    ["reason"],  # link_down (publish refused: no link) | in_flight (link lost before Redis answered) |
-    # rejected (Redis answered with an error) | backlog (pod too far behind its pub/sub link) |
-    # undecodable (not a relay envelope)
-)
+# link_down (publish refused: no link) | in_flight (link lost before Redis answered) | rejected (Redis
+# answered with an error) | backlog (pod too far behind its pub/sub link) | undecodable (not relay's)
+LOST_REASONS = ("link_down", "in_flight", "rejected", "backlog", "undecodable")
+BROKER_LOST = Counter("relay_broker_lost", "Messages the broker could not carry, by reason", ["reason"])
 
 BROKER_RESENT = Counter(
     "relay_broker_resent",
@@ -112,45 +125,53 @@ BROKER_RESENT = Counter(
     "made safe by their idempotency key) or Redis answered READONLY, LOADING, MASTERDOWN or CLUSTERDOWN",
 )
 
+CONTROL_OUTCOMES = ("joined", "left", "unknown_channel", "refused")
 CONTROL_COMMANDS = Counter(
     "relay_control_commands",
     "A backend's changes to one connection's groups (the Django channel layer's group_add and "
     "group_discard for a relay channel id), by outcome",
-    ["outcome"],  # joined | left | unknown_channel | refused
+    ["outcome"],
 )
-for _outcome in ("joined", "left", "unknown_channel", "refused"):
-    CONTROL_COMMANDS.labels(_outcome)
 
 CHANNELS_PUBSUB_MESSAGES = Counter(
     "relay_channels_pubsub_messages",
     "Group messages received from a Django app's RedisPubSubChannelLayer (RELAY_CHANNELS_PUBSUB_URLS)",
 )
 
+API_OUTCOMES = (
+    "accepted",
+    "disabled",
+    "unauthorized",
+    "forbidden",
+    "bad_request",
+    "too_large",
+    "broker_error",
+)
 API_REQUESTS = Counter(
     "relay_api_requests",
     "Requests to the internal port's keyed API (POST /api/publish, POST /drain) by outcome",
-    ["outcome"],  # accepted | disabled | unauthorized | forbidden | bad_request | too_large | broker_error
+    ["outcome"],
 )
 
 # History, recovery and gap fill (groups with a history rule); see docs/history.md.
+READ_PURPOSES = ("recovery", "latest", "position", "gap", "resync")
 HISTORY_READS = Counter(
-    "relay_history_reads",
-    "Reads of a group's history from the broker, by purpose",
-    ["purpose"],  # recovery | latest | position | gap | resync
+    "relay_history_reads", "Reads of a group's history from the broker, by purpose", ["purpose"]
 )
-RECOVERIES = Counter(
-    "relay_recoveries",
-    "v1 joins with `since`, by result",
-    ["result"],  # recovered | epoch_changed | trimmed | unavailable
-)
+RECOVERY_RESULTS = ("recovered", "epoch_changed", "trimmed", "unavailable")
+RECOVERIES = Counter("relay_recoveries", "v1 joins with `since`, by result", ["result"])
 RECOVERED_MESSAGES = Counter(
     "relay_recovered_messages",
     "Messages sent from history to a member as it joined (recovery and latest value)",
 )
+GAP_OUTCOMES = (
+    "filled",
+    "lost",
+)  # filled: read from history and delivered; lost: history no longer held them
 GAP_MESSAGES = Counter(
     "relay_gap_messages",
     "Messages of a history group this pod found missing from the sequence, by outcome",
-    ["outcome"],  # filled (read from history and delivered) | lost (history no longer held them)
+    ["outcome"],
 )
 DUPLICATES_DROPPED = Counter(
     "relay_duplicates_dropped",
@@ -160,9 +181,27 @@ EPOCH_CHANGES = Counter(
     "relay_epoch_changes",
     "Times a group's history epoch changed under this pod: its history was lost (expired, Redis emptied)",
 )
-for _purpose in ("recovery", "latest", "position", "gap", "resync"):
-    HISTORY_READS.labels(_purpose)
-for _result in ("recovered", "epoch_changed", "trimmed", "unavailable"):
-    RECOVERIES.labels(_result)
-for _outcome in ("filled", "lost"):
-    GAP_MESSAGES.labels(_outcome)
+
+# Every labelled counter above with every value it can take (the label sets of each, in one place).
+LABEL_VALUES: dict[Counter, tuple[str, ...]] = {
+    CONNECTIONS_REJECTED: REJECT_REASONS,
+    MESSAGES_RECEIVED: RECEIVED_OUTCOMES,
+    SEND_QUEUE_DROPPED: DROP_REASONS,
+    REDIS_LINK_FAILURES: LINK_FAILURE_REASONS,
+    BROKER_LOST: LOST_REASONS,
+    CONTROL_COMMANDS: CONTROL_OUTCOMES,
+    API_REQUESTS: API_OUTCOMES,
+    HISTORY_READS: READ_PURPOSES,
+    RECOVERIES: RECOVERY_RESULTS,
+    GAP_MESSAGES: GAP_OUTCOMES,
+}
+
+
+def export_at_zero(counter: Counter, values: Iterable[str]) -> None:
+    """Create the series of `counter` for each label value, at zero."""
+    for value in values:
+        counter.labels(value)
+
+
+for _counter, _values in LABEL_VALUES.items():
+    export_at_zero(_counter, _values)
