@@ -10,8 +10,12 @@ loss, duplicates and order violations. Workers ship cumulative snapshots to the 
 stats reports; the master merges them, writes the JSON summary, and exits non-zero when the
 profile's SLO is broken or the load generator itself was saturated (the run is then invalid).
 
-Profiles set users, spawn rate and run time; any `--slo-*` flag overrides the profile's bound.
-Several pods: `--extra-hosts ws://127.0.0.1:8002,ws://...` (connections go round-robin).
+Profiles set the users (subscribers + publishers: `-u` must match, or the run is refused with the
+numbers; change `--subscribers` instead), the spawn rate (`-r` overrides it) and the run time (`-t`
+overrides it); any `--slo-*` flag overrides the profile's bound. The host is read when each run
+starts, so the one typed in the web UI is used (http:// and https:// are taken as ws:// and wss://),
+and every run in the same UI starts from fresh measurements. Several pods:
+`--extra-hosts ws://127.0.0.1:8002,ws://...` (connections go round-robin).
 """
 
 from __future__ import annotations
@@ -180,10 +184,21 @@ class State:
     """This process's measurements (a worker's, or the whole run's in local mode)."""
 
     def __init__(self) -> None:
+        self.snapshots: dict[str, dict[str, Any]] = {}  # master: worker id -> latest snapshot
+        self.counter = itertools.count()
+        self.lag_ticker: Any = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh measurements for a run: the first, or another one started from the web UI."""
         self.profile: Profile = PROFILES["smoke"]
         self.name = "smoke"
+        self.spawn_rate = self.profile.spawn_rate
         self.hosts: list[str] = []
         self.host_cycle: Any = None
+        if self.lag_ticker is not None:
+            self.lag_ticker.kill(block=False)
+        self.lag_ticker = None
         self.histogram = Histogram()
         self.reconnect = Histogram()  # pod-kill/storm: from a socket's loss to its next welcome
         self.ledger = Ledger()
@@ -192,8 +207,7 @@ class State:
         self.start_wall = 0.0
         self.cpu0 = 0.0
         self.deliveries_to_locust = False
-        self.snapshots: dict[str, dict[str, Any]] = {}  # master: worker id -> latest snapshot
-        self.counter = itertools.count()
+        self.snapshots.clear()
         # Set when the run stops. websocket-client's close() swallows every exception with a bare
         # `except:`, Locust's GreenletExit included, so a user killed inside close() would live on and
         # reconnect: the loops check this flag instead of relying on the kill alone.
@@ -203,6 +217,8 @@ class State:
     def next_host(self) -> str:
         """The next host round-robin, skipping one that refused a connection in the last few
         seconds, as a Service drops a dead pod's endpoint (pod-kill on loopback has no Service)."""
+        if not self.hosts:
+            raise StopUser()  # the run is being refused (_start): nothing to connect to
         now = time.time()
         for _ in range(len(self.hosts)):
             host = str(next(self.host_cycle))
@@ -229,6 +245,23 @@ class State:
 STATE = State()
 
 
+def _hosts(environment: Environment) -> list[str]:
+    """The pods to connect to: the host (--host, or the web UI's field) and --extra-hosts."""
+    given = [environment.host or "", *environment.parsed_options.extra_hosts.split(",")]
+    hosts = []
+    for host in (h.strip() for h in given):
+        for http, ws in (("http://", "ws://"), ("https://", "wss://")):
+            if host.startswith(http):
+                host = ws + host[len(http) :]
+        if host:
+            hosts.append(host)
+    return hosts
+
+
+def _users(p: Profile) -> int:
+    return p.subscribers + p.publishers
+
+
 def _profile(env: Environment) -> Profile:
     o = env.parsed_options
     p = PROFILES[o.load_profile]
@@ -251,17 +284,15 @@ def _init(environment: Environment, **_: Any) -> None:
     o = environment.parsed_options
     if o is None:
         return
-    p = STATE.profile = _profile(environment)
-    STATE.name = o.load_profile
-    STATE.hosts = [h for h in [environment.host or "", *o.extra_hosts.split(",")] if h]
-    STATE.host_cycle = itertools.cycle(STATE.hosts)
-    STATE.deliveries_to_locust = o.locust_deliveries
-    Subscriber.fixed_count = p.subscribers
-    Publisher.fixed_count = p.publishers
-    o.num_users = p.subscribers + p.publishers
-    o.spawn_rate = p.spawn_rate
+    p = _profile(environment)
+    if o.num_users is not None and o.num_users != _users(p):
+        log.error(_wrong_users(o.load_profile, p, o.num_users))
+        sys.exit(2)
+    o.num_users = _users(p)  # what the web UI's form shows
+    if o.spawn_rate is None:
+        o.spawn_rate = p.spawn_rate
     if not o.run_time:
-        o.run_time = int(p.run_time + p.subscribers / p.spawn_rate + 1)
+        o.run_time = int(p.run_time + p.subscribers / o.spawn_rate + 1)
     runner = environment.runner
     if isinstance(runner, MasterRunner):
 
@@ -278,21 +309,62 @@ def _init(environment: Environment, **_: Any) -> None:
         events.report_to_master.add_listener(to_master)
 
 
+def _wrong_users(name: str, p: Profile, users: int) -> str:
+    return (
+        f"the {name} profile runs {_users(p)} users ({p.subscribers} subscribers and {p.publishers} "
+        f"publishers), not {users}: leave the number of users at {_users(p)} (or leave out -u), "
+        "and change the subscribers with --subscribers or pick another --load-profile"
+    )
+
+
+def _refuse(environment: Environment, why: str) -> None:
+    """Stop this run before it connects anything, saying why (in the log and the web UI's log)."""
+    log.error("relay load test refused: %s", why)
+    STATE.hosts = []
+    environment.process_exit_code = 2
+    runner = environment.runner
+    if runner is not None and not isinstance(runner, WorkerRunner):
+        gevent.spawn(runner.quit if environment.parsed_options.headless else runner.stop)
+
+
 @events.test_start.add_listener
 def _start(environment: Environment, **_: Any) -> None:
+    """A new run (the first, or another from the web UI): fresh measurements, and the profile, host,
+    users and spawn rate as given for this run."""
+    o = environment.parsed_options
+    STATE.reset()
+    p = STATE.profile = _profile(environment)
+    STATE.name = o.load_profile
+    STATE.deliveries_to_locust = o.locust_deliveries
+    STATE.spawn_rate = o.spawn_rate or p.spawn_rate
+    Subscriber.fixed_count = p.subscribers
+    Publisher.fixed_count = p.publishers
+    STATE.hosts = _hosts(environment)
+    STATE.host_cycle = itertools.cycle(STATE.hosts)
+    runner = environment.runner
+    if not STATE.hosts:
+        return _refuse(
+            environment, "no host: give --host ws://<pod>:8000, or type it in the web UI's Host field"
+        )
+    wrong = [h for h in STATE.hosts if not h.startswith(("ws://", "wss://"))]
+    if wrong:
+        return _refuse(environment, f"hosts must be ws:// or wss:// URLs of relay pods, not {wrong}")
+    users = getattr(runner, "target_user_count", None)
+    if not isinstance(runner, WorkerRunner) and users is not None and users != _users(p):
+        return _refuse(environment, _wrong_users(STATE.name, p, users))
     STATE.start_wall = time.time()
     STATE.cpu0 = time.process_time()
-    if not isinstance(environment.runner, MasterRunner):
-        gevent.spawn(_lag_ticker)
-    p = STATE.profile
-    cmd = environment.parsed_options.kill_command
-    if p.kill_at is not None and cmd and not isinstance(environment.runner, WorkerRunner):
+    if not isinstance(runner, MasterRunner):
+        STATE.lag_ticker = gevent.spawn(_lag_ticker)
+    cmd = o.kill_command
+    if p.kill_at is not None and cmd and not isinstance(runner, WorkerRunner):
 
         def kill() -> None:
             log.warning("pod-kill: running %s", cmd)
             subprocess.run(shlex.split(cmd), check=False)
 
-        gevent.spawn_later(p.kill_at + p.subscribers / p.spawn_rate, kill)
+        gevent.spawn_later(p.kill_at + p.subscribers / STATE.spawn_rate, kill)
+    return None
 
 
 def _lag_ticker(interval: float = 0.01) -> None:
@@ -311,7 +383,7 @@ def _stopping(**_: Any) -> None:
 @events.quitting.add_listener
 def _quit(environment: Environment, **_: Any) -> None:
     runner = environment.runner
-    if isinstance(runner, WorkerRunner):
+    if isinstance(runner, WorkerRunner) or not STATE.start_wall:  # a worker, or no run ever started
         return
     parts = list(STATE.snapshots.values()) if isinstance(runner, MasterRunner) else [STATE.snapshot()]
     histogram, reconnect = Histogram(), Histogram()
@@ -511,7 +583,7 @@ class Publisher(User):
         rate = p.rate / max(1, p.publishers)
         pid = uuid.uuid4().hex[:10]
         ws, _ = _connect(self, f"/lt-pub-{pid}")
-        start = STATE.start_wall + p.warmup + p.subscribers / p.spawn_rate
+        start = STATE.start_wall + p.warmup + p.subscribers / STATE.spawn_rate
         gevent.sleep(max(0.0, start - time.time()))
         groups = [f"lt-{i}" for i in range(len(p.groups))]
         rng = random.Random()

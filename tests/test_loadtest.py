@@ -13,10 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from loadtest.stats import Histogram, Ledger, Slo, Stream, judge_generators, summarize
-from tests.helpers import ROOT, PodProcess, start_pod_process
+from tests.helpers import ROOT, PodProcess, free_port, scrape, start_pod_process, wait_until
 
 LOAD_PYTHON = Path(ROOT, ".venv-load", "bin", "python")
 
@@ -234,3 +235,81 @@ def test_engine_smoke_and_its_slo_exit_code(pod: PodProcess, tmp_path: Path) -> 
         assert run.returncode == 0, run.stderr[-2000:]
     impossible = _load(*base, *shape, "--slo-p99-ms", "0.001", timeout=40)
     assert impossible.returncode == 1 and "SLO broken: p99" in impossible.stderr
+
+
+LOCUST = str(LOAD_PYTHON.parent / "locust")
+
+
+@pytest.mark.integration
+@pytest.mark.xdist_group("load")
+def test_locust_refuses_a_run_without_a_host_or_with_other_user_counts_saying_why(pod: PodProcess) -> None:
+    base = [LOCUST, "-f", "loadtest/locustfile.py", "--headless", "--only-summary", "--load-profile", "smoke"]
+    no_host = _load(*base, "-t", "5", timeout=40)
+    assert no_host.returncode == 2 and "no host: give --host" in no_host.stderr, no_host.stderr[-2000:]
+    assert "UnboundLocalError" not in no_host.stderr
+    users = _load(*base, "--host", f"ws://127.0.0.1:{pod.port}", "-u", "5", timeout=40)
+    assert users.returncode == 2, users.stderr[-2000:]
+    assert "the smoke profile runs 22 users (20 subscribers and 2 publishers), not 5" in users.stderr
+
+
+def _ui(port: int, method: str, path: str, **form: Any) -> Any:
+    response = httpx.request(method, f"http://127.0.0.1:{port}{path}", data=form or None, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def _connects(port: int) -> int:
+    stats = _ui(port, "GET", "/stats/requests")["stats"]
+    return sum(s["num_requests"] for s in stats if s["name"] == "connect")
+
+
+@pytest.mark.integration
+@pytest.mark.xdist_group("load")
+@pytest.mark.timeout(120)
+def test_locust_web_ui_uses_the_typed_host_and_runs_again_after_a_stop(pod: PodProcess) -> None:
+    web = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    args = [LOCUST, "-f", "loadtest/locustfile.py", "--web-host", "127.0.0.1", "--web-port", str(web)]
+    ui = subprocess.Popen(
+        [*args, "--load-profile", "smoke"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: _reachable(web), 30, "the Locust web UI")
+        host = f"http://127.0.0.1:{pod.port}"  # typed as the UI suggests: taken as ws://
+        for run in (1, 2):  # the second run in the same UI must connect again
+            answer = _ui(web, "POST", "/swarm", user_count=22, spawn_rate=50, host=host)
+            assert answer["success"], answer
+            wait_until(
+                lambda: _connects(web) >= 20, 30, f"run {run}: 20 subscribers connected through the UI's host"
+            )
+            _ui(web, "POST", "/stop")
+            wait_until(
+                lambda: _ui(web, "GET", "/stats/requests")["state"] == "stopped", 30, f"run {run} stopped"
+            )
+        opened = _opened(pod)
+        _ui(web, "POST", "/swarm", user_count=5, spawn_rate=50, host=host)
+        refusal = "the smoke profile runs 22 users (20 subscribers and 2 publishers), not 5"
+        wait_until(lambda: refusal in json.dumps(_ui(web, "GET", "/logs")), 30, "the refusal in the UI's log")
+        wait_until(
+            lambda: _ui(web, "GET", "/stats/requests")["state"] == "stopped", 30, "the refused run stopped"
+        )
+        assert _ui(web, "GET", "/stats/requests")["user_count"] == 0
+        assert _opened(pod) == opened  # refused before connecting anything
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
+
+
+def _opened(pod: PodProcess) -> float:
+    return scrape(pod.internal_port, "relay_connections_opened_total")
+
+
+def _reachable(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
