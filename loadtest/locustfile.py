@@ -41,7 +41,18 @@ from locust.exception import StopUser
 from locust.runners import MasterRunner, WorkerRunner
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from loadtest.stats import LATE_SEND, Health, Histogram, Ledger, Slo, summarize
+from loadtest.stats import (
+    DUPLICATE,
+    IN_ORDER,
+    LATE,
+    LATE_SEND,
+    SATURATED_LAG_MS,
+    Health,
+    Histogram,
+    Ledger,
+    Slo,
+    summarize,
+)
 
 log = logging.getLogger("relay-load")
 
@@ -173,7 +184,10 @@ def _options(parser: Any) -> None:
     parser.add_argument("--slo-p99-ms", type=float, default=None, help="override the profile's p99 bound")
     parser.add_argument("--slo-max-loss", type=float, default=None, help="override the profile's loss bound")
     parser.add_argument(
-        "--locust-deliveries", action="store_true", help="also report each delivery to Locust's stats"
+        "--no-locust-deliveries",
+        dest="locust_deliveries",
+        action="store_false",
+        help="do not report each delivery to Locust's stats (saves generator CPU at high rates)",
     )
 
 
@@ -355,7 +369,7 @@ def _start(environment: Environment, **_: Any) -> None:
     STATE.start_wall = time.time()
     STATE.cpu0 = time.process_time()
     if not isinstance(runner, MasterRunner):
-        STATE.lag_ticker = gevent.spawn(_lag_ticker)
+        STATE.lag_ticker = gevent.spawn(_lag_ticker, environment)
     cmd = o.kill_command
     if p.kill_at is not None and cmd and not isinstance(runner, WorkerRunner):
 
@@ -367,12 +381,68 @@ def _start(environment: Environment, **_: Any) -> None:
     return None
 
 
-def _lag_ticker(interval: float = 0.01) -> None:
-    """How late the gevent hub wakes a sleeping greenlet: the generator's event-loop lag."""
+def _lag_ticker(env: Environment, interval: float = 0.01, every: float = 1.0) -> None:
+    """How late the gevent hub wakes a sleeping greenlet: the generator's event-loop lag. Each
+    second's worst goes to Locust as "generator lag", a failure when it means saturation."""
+    worst, report_at = 0.0, time.perf_counter() + every
     while True:
         due = time.perf_counter() + interval
         gevent.sleep(interval)
-        STATE.health.lag.record(max(0.0, time.perf_counter() - due))
+        now = time.perf_counter()
+        lag = max(0.0, now - due)
+        STATE.health.lag.record(lag)
+        worst = max(worst, lag)
+        if now >= report_at:
+            saturated = worst * 1000 > SATURATED_LAG_MS
+            _event(
+                env,
+                "GEN",
+                "generator lag (worst per second)",
+                worst,
+                GeneratorSaturated() if saturated else None,
+            )
+            worst, report_at = 0.0, now + every
+
+
+class GeneratorSaturated(Exception):
+    def __str__(self) -> str:
+        return f"the load generator woke over {SATURATED_LAG_MS:.0f} ms late: the run is invalid"
+
+
+class Duplicate(Exception):
+    def __str__(self) -> str:
+        return "a message arrived twice"
+
+
+class OutOfOrder(Exception):
+    def __str__(self) -> str:
+        return "a message arrived after a later one of its publisher"
+
+
+class Gap(Exception):
+    def __str__(self) -> str:
+        return "messages skipped (missing until they arrive late; counted lost at the end if they never do)"
+
+
+class Lost(Exception):
+    def __str__(self) -> str:
+        return "a message never reached a member (counted when the run ends)"
+
+
+class LateSend(Exception):
+    def __str__(self) -> str:
+        return f"a publish left over {LATE_SEND * 1000:.0f} ms behind its open-loop schedule"
+
+
+def _event(env: Environment, kind: str, name: str, seconds: float, exc: Exception | None = None) -> None:
+    env.events.request.fire(
+        request_type=kind,
+        name=name,
+        response_time=seconds * 1000,
+        response_length=0,
+        exception=exc,
+        context={},
+    )
 
 
 @events.test_stopping.add_listener
@@ -417,6 +487,8 @@ def _quit(environment: Environment, **_: Any) -> None:
         with open(path, "w") as f:
             f.write(text + "\n")
     lat, acc = summary["latency"], summary["accounting"]
+    for _ in range(min(acc["lost"], MAX_LOST_EVENTS)):  # into Locust's final stats and CSV
+        _event(environment, "WS", "lost", 0.0, Lost())
     log.warning(
         "relay summary: %d deliveries (%.0f/s) p50 %.2f p99 %.2f p99.9 %.2f max %.2f ms; "
         "lost %d of %d, %d duplicates, %d out of order; connects %d ok %d failed",
@@ -536,7 +608,7 @@ class Subscriber(User):
                 try:
                     m = json.loads(data)["message"]
                     latency = now - m["t"]
-                    receiver.see(m["p"], m["s"])
+                    seen = receiver.see(m["p"], m["s"])
                 except (KeyError, TypeError, ValueError):
                     continue
                 histogram.record(latency)
@@ -549,6 +621,8 @@ class Subscriber(User):
                         exception=None,
                         context={},
                     )
+                if seen != IN_ORDER:
+                    _event(env, "WS", "delivery order", latency, SEEN[seen] if seen < 0 else Gap())
                 if until is not None:
                     left = until - time.time()
                     if left <= 0:
@@ -564,6 +638,10 @@ class Subscriber(User):
                 ws.shutdown()
             elif until is None:
                 ws.close()
+
+
+MAX_LOST_EVENTS = 100_000  # beyond this the JSON summary's count is the only record
+SEEN: dict[int, Exception] = {DUPLICATE: Duplicate(), LATE: OutOfOrder()}
 
 
 def rng_lifetime(p: Profile) -> float:
@@ -599,6 +677,7 @@ class Publisher(User):
             STATE.health.sends += 1
             if now - due > LATE_SEND:
                 STATE.health.late_sends += 1
+                _event(self.environment, "GEN", "publish schedule", now - due, LateSend())
             group = rng.choices(groups, p.groups)[0]
             seq = STATE.ledger.sending(pid, group, now)
             body = {"task": "send_message_to_group", "group_name": group, "p": pid, "s": seq, "t": now}

@@ -125,6 +125,9 @@ class Histogram:
 MAX_HOLES = 100_000
 
 
+IN_ORDER, LATE, DUPLICATE = 0, -1, -2  # what Stream.see saw (a positive number: messages skipped)
+
+
 class Stream:
     """What one receiver saw of one publisher's sequence for its group."""
 
@@ -138,26 +141,32 @@ class Stream:
         self.overflow = 0  # holes counted but not listed (gaps wider than MAX_HOLES)
         self.holes: set[int] | None = None
 
-    def see(self, seq: int) -> None:
+    def see(self, seq: int) -> int:
+        """Record `seq`: IN_ORDER, LATE (it arrived after a later one), DUPLICATE, or the number of
+        messages this one skipped (a hole opened: they are missing until they arrive late)."""
         top = self.top
         if seq == top + 1:  # the common case: in order, nothing missing
             self.top = seq
             self.unique += 1
-        elif seq > top:
+            return IN_ORDER
+        if seq > top:
             self._add_holes(top + 1, seq)
             self.top = seq
             self.unique += 1
-        elif seq < self.first:  # older than anything seen: late, and it opens holes below first
+            return seq - top - 1
+        if seq < self.first:  # older than anything seen: late, and it opens holes below first
             self._add_holes(seq + 1, self.first)
             self.first = seq
             self.unique += 1
             self.reorders += 1
-        elif self.holes is not None and seq in self.holes:
+            return LATE
+        if self.holes is not None and seq in self.holes:
             self.holes.discard(seq)
             self.unique += 1
             self.reorders += 1
-        else:
-            self.dups += 1
+            return LATE
+        self.dups += 1
+        return DUPLICATE
 
     def _add_holes(self, start: int, stop: int) -> None:
         if self.holes is None:
@@ -185,12 +194,13 @@ class Receiver:
     left: float | None = None
     streams: dict[str, Stream] = field(default_factory=dict)
 
-    def see(self, publisher: str, seq: int) -> None:
+    def see(self, publisher: str, seq: int) -> int:
+        """Stream.see for `publisher`'s stream (a first message is in order)."""
         stream = self.streams.get(publisher)
         if stream is None:
             self.streams[publisher] = Stream(seq)
-        else:
-            stream.see(seq)
+            return IN_ORDER
+        return stream.see(seq)
 
 
 @dataclass

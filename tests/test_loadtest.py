@@ -6,6 +6,7 @@ up with 20 messages per second); the targets live in `make bench`, not here.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -16,7 +17,17 @@ from typing import Any
 import httpx
 import pytest
 
-from loadtest.stats import Histogram, Ledger, Slo, Stream, judge_generators, summarize
+from loadtest.stats import (
+    DUPLICATE,
+    IN_ORDER,
+    LATE,
+    Histogram,
+    Ledger,
+    Slo,
+    Stream,
+    judge_generators,
+    summarize,
+)
 from tests.helpers import ROOT, PodProcess, free_port, scrape, start_pod_process, wait_until
 
 LOAD_PYTHON = Path(ROOT, ".venv-load", "bin", "python")
@@ -64,6 +75,13 @@ def test_negative_latency_is_clamped_and_empty_histogram_reads_zero() -> None:
 
 
 # --- Streams and the ledger ------------------------------------------------------------------------
+
+
+def test_stream_says_what_each_message_was_for_locusts_events() -> None:
+    s = Stream(0)
+    assert [s.see(q) for q in (1, 2, 5, 3, 3, 6)] == [IN_ORDER, IN_ORDER, 2, LATE, DUPLICATE, IN_ORDER]
+    r = Ledger().receiver("r", "g", 0.0)
+    assert [r.see("p", 7), r.see("p", 9), r.see("p", 6)] == [IN_ORDER, 1, LATE]
 
 
 def test_stream_counts_holes_late_arrivals_and_duplicates() -> None:
@@ -206,11 +224,18 @@ def test_locust_smoke_profile_across_two_workers(pod: PodProcess, tmp_path: Path
     run = _load(
         locust, "-f", "loadtest/locustfile.py", "--headless", "--only-summary", "--processes", "2",
         "--host", f"ws://127.0.0.1:{pod.port}", "--load-profile", "smoke", "--summary-json", str(out),
-        timeout=80,
+        "--csv", str(tmp_path / "smoke"), timeout=80,
     )  # fmt: skip
     assert out.exists(), run.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert summary["workers_reporting"] == 2
+    # what the run measures reached Locust's own stats (and so its charts and CSV) through its events
+    with open(tmp_path / "smoke_stats.csv") as f:
+        rows = {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}
+    assert int(rows["WS", "deliver"]["Request Count"]) == summary["deliveries"]
+    assert int(rows["GEN", "generator lag (worst per second)"]["Request Count"]) >= 2 * 10  # 2 workers, 10+ s
+    assert int(rows["WS", "connect"]["Request Count"]) == 22
+    assert ("WS", "lost") not in rows and ("WS", "delivery order") not in rows
     assert summary["published"] >= 100  # 20 msg/s for 6 s, open loop
     acc = summary["accounting"]
     assert acc["lost"] == 0 and acc["duplicates"] == 0 and acc["order_violations"] == 0, acc
