@@ -338,3 +338,13 @@ def _reachable(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_the_histogram_cost_script_compares_both_histograms(tmp_path: Path) -> None:
+    out = tmp_path / "h.json"
+    run = _load(str(LOAD_PYTHON), "-m", "loadtest.histogram_cost", "--values", "2000", "--rounds", "1",
+                "--json", str(out), timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    medians = json.loads(out.read_text())["medians"]
+    assert medians["record_ns_ours"] > 0 and medians["record_ns_hdr"] > 0
+    assert medians["p99_error_ours"] < 0.001 and medians["p99_error_hdr"] < 0.001
