@@ -1,6 +1,7 @@
-"""`make bench`: relay (one pod, two pods) and the reference Django Channels app, side by side.
+"""`make bench`: relay (one pod, two pods), the reference Django Channels app and the Python limit.
 
-One run starts redis-server, the pods and the reference app on loopback, drives the same loads
+One run starts redis-server, the pods, the reference app and the minimal asyncio + uvloop server
+(loadtest/peers/minimal.py: what Python itself can do here) on loopback, drives the same loads
 against each with `loadtest.engine`, and writes docs/benchmarks.md, docs/benchmarks.json and
 docs/plots/*.png. Shapes:
 
@@ -41,7 +42,7 @@ SATURATED = 0.9  # a single-threaded server at this share of one core is the lim
 class Target:
     name: str
     servers: list[Server]  # the processes charged as "server" (pods, or daphne)
-    kind: str  # relay | django
+    kind: str  # relay | django | minimal
     note: str = ""
 
     @property
@@ -61,8 +62,10 @@ class Ramp:
 RATES = {
     ("groups", "relay"): [250, 500, 1000, 2000, 3000, 4000, 5000, 6500, 8000, 10000, 12500, 15000],
     ("groups", "django"): [25, 50, 75, 100, 150, 200, 250, 300, 400, 600],
+    ("groups", "minimal"): [1000, 2000, 4000, 6500, 10000, 12500, 15000, 20000, 25000, 30000],
     ("one", "relay"): [5, 10, 20, 35, 50, 70, 100, 140, 200],
     ("one", "django"): [0.5, 1, 2, 5, 10],
+    ("one", "minimal"): [10, 20, 50, 100, 140, 200, 280, 400],
 }
 
 
@@ -281,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Target("relay 1 pod", [servers.relay(redis.url, "relay-a")], "relay"),
             Target("relay 2 pods", [servers.relay(redis.url, f"relay-{c}") for c in "bc"], "relay"),
             Target("Django Channels", [servers.django(redis.url.rsplit("/", 1)[0] + "/1")], "django"),
+            Target("Python limit", [servers.minimal()], "minimal", "asyncio + uvloop, no framework or Redis"),
         ]
         if args.only:
             keep = {t.strip() for t in args.only.split(",")}

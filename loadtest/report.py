@@ -115,6 +115,7 @@ def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) ->
         mem = f"{i['kib_per_connection']:.1f} KiB"
         conn = f"{i['connect_per_s']:,.0f} connections/s"
     lines += ["## Against the targets (one pod on Redis)", "", TARGETS_TEXT.format(**locals()), ""]
+    lines += limit_ratios(results)
     lines += [
         "## Maximum sustainable publish rate",
         "",
@@ -180,6 +181,53 @@ def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) ->
             lines += [f.read()]
     with open(out, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
+
+
+LIMIT = "Python limit"
+
+
+def limit_ratios(results: dict[str, Any]) -> list[str]:
+    """relay (one pod) as a ratio to the minimal asyncio + uvloop server, measured in the same run."""
+    ramps = {(r["shape"], r["target"]): r for r in results["ramps"]}
+    rows = []
+    for shape in dict.fromkeys(r["shape"] for r in results["ramps"]):
+        ours, limit = ramps.get((shape, "relay 1 pod")), ramps.get((shape, LIMIT))
+        if ours and limit and limit["max_rate"]:
+            rows.append(f"| max msg/s, {shape} | {ours['max_rate']:,g} | {limit['max_rate']:,g} | "
+                        f"{ours['max_rate'] / limit['max_rate']:.2f}x |")  # fmt: skip
+            mine, best = _cpu_at_max(ours), _cpu_at_max(limit)
+            if mine and best:
+                label = f"server CPU µs per delivery at its max, {shape}"
+                rows.append(f"| {label} | {mine:.1f} | {best:.1f} | {mine / best:.2f}x |")
+    ours_idle, limit_idle = results["idle"].get("relay 1 pod"), results["idle"].get(LIMIT)
+    if ours_idle and limit_idle:
+        figures = (
+            ("KiB per idle connection", "kib_per_connection", 1.0),
+            ("connections per second", "connect_per_s", 1.0),
+            ("broadcast to the last member, ms", "last_member_s_median", 1000.0),
+        )
+        for label, key, unit in figures:
+            a, b = ours_idle.get(key), limit_idle.get(key)
+            if a and b:
+                rows.append(f"| {label} | {a * unit:,.1f} | {b * unit:,.1f} | {a / b:.2f}x |")
+    if not rows:
+        return []
+    return [
+        "## relay against the Python limit",
+        "",
+        "The minimal server (`loadtest/peers/minimal.py`: the seed protocol on asyncio + uvloop alone, no "
+        "framework, Redis, limits or metrics) in the same run; relay's figures as a ratio to it.",
+        "",
+        "| figure | relay 1 pod | Python limit | relay / limit |",
+        "|---|---:|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
+def _cpu_at_max(ramp: dict[str, Any]) -> float | None:
+    good = [s for s in ramp["steps"] if s["rate"] == ramp["max_rate"] and s["summary"]["ok"]]
+    return float(good[0]["server_cpu_us_per_delivery"]) if good else None
 
 
 def _attempt(step: dict[str, Any]) -> str:

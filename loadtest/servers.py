@@ -142,6 +142,13 @@ class Servers:
         argv = [daphne, "-v", "0", "-b", "127.0.0.1", "-p", str(port), "refapp.asgi:application"]
         return self._spawn(name, argv, env, port, f"ws://127.0.0.1:{port}")
 
+    def minimal(self, name: str = "minimal", python: str = LOAD_PYTHON) -> Server:
+        """The physical limit (loadtest/peers/minimal.py): the seed protocol on asyncio + uvloop alone."""
+        port = free_port()
+        python = python if os.path.exists(python) else sys.executable
+        argv = [python, "-m", "loadtest.peers.minimal", "--port", str(port)]
+        return self._spawn(name, argv, {**os.environ, "PYTHONPATH": ROOT}, port, f"ws://127.0.0.1:{port}")
+
     def stop(self, server: Server, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         if server.proc.poll() is None:
             server.proc.send_signal(sig)

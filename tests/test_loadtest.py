@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from loadtest.servers import Servers
 from loadtest.stats import (
     DUPLICATE,
     IN_ORDER,
@@ -348,3 +349,28 @@ def test_the_histogram_cost_script_compares_both_histograms(tmp_path: Path) -> N
     medians = json.loads(out.read_text())["medians"]
     assert medians["record_ns_ours"] > 0 and medians["record_ns_hdr"] > 0
     assert medians["p99_error_ours"] < 0.001 and medians["p99_error_hdr"] < 0.001
+
+
+@pytest.mark.integration
+@pytest.mark.xdist_group("load")
+def test_the_minimal_server_speaks_the_seed_protocol_for_the_engine(tmp_path: Path) -> None:
+    with Servers() as servers:
+        minimal = servers.minimal()
+        out = tmp_path / "minimal.json"
+        base = [str(LOAD_PYTHON), "-m", "loadtest.engine", "--url", minimal.url]
+        shape = [
+            "--subscribers",
+            "200",
+            "--groups",
+            "10",
+            "--rate",
+            "100",
+            "--seconds",
+            "3",
+            "--json",
+            str(out),
+        ]
+        run = _load(*base, *shape, timeout=40)
+        assert out.exists(), run.stderr[-2000:]
+        acc = json.loads(out.read_text())["accounting"]
+        assert acc["expected"] == 300 * 20 and acc["lost"] == 0 and acc["duplicates"] == 0, acc
