@@ -42,7 +42,7 @@ SATURATED = 0.9  # a single-threaded server at this share of one core is the lim
 class Target:
     name: str
     servers: list[Server]  # the processes charged as "server" (pods, or daphne)
-    kind: str  # relay | django | minimal
+    kind: str  # relay | django | django-async | minimal
     note: str = ""
 
     @property
@@ -62,9 +62,11 @@ class Ramp:
 RATES = {
     ("groups", "relay"): [250, 500, 1000, 2000, 3000, 4000, 5000, 6500, 8000, 10000, 12500, 15000],
     ("groups", "django"): [25, 50, 75, 100, 150, 200, 250, 300, 400, 600],
+    ("groups", "django-async"): [100, 200, 400, 600, 800, 1000, 1500, 2000, 3000, 4000],
     ("groups", "minimal"): [1000, 2000, 4000, 6500, 10000, 12500, 15000, 20000, 25000, 30000],
     ("one", "relay"): [5, 10, 20, 35, 50, 70, 100, 140, 200],
     ("one", "django"): [0.5, 1, 2, 5, 10],
+    ("one", "django-async"): [2, 5, 10, 20, 35, 50, 70, 100],
     ("one", "minimal"): [10, 20, 50, 100, 140, 200, 280, 400],
 }
 
@@ -284,6 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             Target("relay 1 pod", [servers.relay(redis.url, "relay-a")], "relay"),
             Target("relay 2 pods", [servers.relay(redis.url, f"relay-{c}") for c in "bc"], "relay"),
             Target("Django Channels", [servers.django(redis.url.rsplit("/", 1)[0] + "/1")], "django"),
+            Target(
+                "Django async (pubsub, uvicorn)",
+                [servers.django_async(redis.url.rsplit("/", 1)[0] + "/2", workers=1)],
+                "django-async",
+                "async consumer on RedisPubSubChannelLayer, uvicorn with 1 worker (relay: 1 process)",
+            ),
             Target("Python limit", [servers.minimal()], "minimal", "asyncio + uvloop, no framework or Redis"),
         ]
         if args.only:

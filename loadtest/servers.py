@@ -45,16 +45,43 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
     raise RuntimeError(f"nothing listened on 127.0.0.1:{port} within {timeout} s")
 
 
+def tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (uvicorn's worker processes, for example), from /proc."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in os.listdir(f"/proc/{pids[i]}/task") if os.path.exists(f"/proc/{pids[i]}/task") else ():
+            try:
+                with open(f"/proc/{pids[i]}/task/{task}/children") as f:
+                    pids += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+        i += 1
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of one process (threads included), from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    """User plus system CPU seconds of a process and its live descendants (threads included)."""
+    total = 0.0
+    for one in tree(pid):
+        try:
+            with open(f"/proc/{one}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # it exited meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
 
 
 def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * PAGE
+    """Resident memory of a process and its live descendants."""
+    total = 0
+    for one in tree(pid):
+        try:
+            with open(f"/proc/{one}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE
+        except OSError:
+            continue
+    return total
 
 
 @dataclass
@@ -140,6 +167,25 @@ class Servers:
         }
         daphne = os.path.join(os.path.dirname(python), "daphne")
         argv = [daphne, "-v", "0", "-b", "127.0.0.1", "-p", str(port), "refapp.asgi:application"]
+        return self._spawn(name, argv, env, port, f"ws://127.0.0.1:{port}")
+
+    def django_async(
+        self, redis_url: str, workers: int, name: str = "django-async", python: str = LOAD_PYTHON
+    ) -> Server:
+        """The same app as an async consumer on RedisPubSubChannelLayer under uvicorn (uvloop,
+        httptools) with `workers` processes: the strongest Django configuration for it."""
+        port = free_port()
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "refapp.settings",
+            "REFAPP_REDIS_URL": redis_url,
+            "REFAPP_LAYER": "pubsub",
+            "REFAPP_CONSUMER": "async",
+            "PYTHONPATH": os.path.join(ROOT, "loadtest", "peers"),
+        }
+        uvicorn = os.path.join(os.path.dirname(python), "uvicorn")
+        argv = [uvicorn, "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+                "--no-access-log", "--log-level", "warning", "refapp.asgi:application"]  # fmt: skip
         return self._spawn(name, argv, env, port, f"ws://127.0.0.1:{port}")
 
     def minimal(self, name: str = "minimal", python: str = LOAD_PYTHON) -> Server:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from loadtest.servers import Servers
+from loadtest.servers import Servers, tree
 from loadtest.stats import (
     DUPLICATE,
     IN_ORDER,
@@ -374,3 +374,30 @@ def test_the_minimal_server_speaks_the_seed_protocol_for_the_engine(tmp_path: Pa
         assert out.exists(), run.stderr[-2000:]
         acc = json.loads(out.read_text())["accounting"]
         assert acc["expected"] == 300 * 20 and acc["lost"] == 0 and acc["duplicates"] == 0, acc
+
+
+@pytest.mark.integration
+@pytest.mark.xdist_group("load")
+def test_the_async_django_reference_relays_for_the_engine(tmp_path: Path) -> None:
+    with Servers() as servers:
+        redis = servers.redis()
+        django = servers.django_async(redis.url, workers=2)
+        out = tmp_path / "django-async.json"
+        base = [str(LOAD_PYTHON), "-m", "loadtest.engine", "--url", django.url]
+        shape = [
+            "--subscribers",
+            "100",
+            "--groups",
+            "10",
+            "--rate",
+            "20",
+            "--seconds",
+            "3",
+            "--json",
+            str(out),
+        ]
+        run = _load(*base, *shape, timeout=60)
+        assert out.exists(), run.stderr[-2000:]
+        acc = json.loads(out.read_text())["accounting"]
+        assert acc["expected"] == 60 * 10 and acc["lost"] == 0 and acc["duplicates"] == 0, acc
+        assert len(tree(django.pid)) >= 3  # uvicorn's supervisor and its two workers, all charged

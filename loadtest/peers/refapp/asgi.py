@@ -1,4 +1,7 @@
-"""`daphne refapp.asgi:application`: every WebSocket path goes to the one consumer."""
+"""`daphne refapp.asgi:application`: every WebSocket path goes to the one consumer (the original's
+sync consumer, or with REFAPP_CONSUMER=async the async one)."""
+
+import os
 
 import django
 
@@ -6,6 +9,7 @@ django.setup()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
-from refapp.consumers import GroupConsumer  # noqa: E402
+from refapp.consumers import AsyncGroupConsumer, GroupConsumer  # noqa: E402
 
-application = ProtocolTypeRouter({"websocket": GroupConsumer.as_asgi()})
+consumer = AsyncGroupConsumer if os.environ.get("REFAPP_CONSUMER") == "async" else GroupConsumer
+application = ProtocolTypeRouter({"websocket": consumer.as_asgi()})
