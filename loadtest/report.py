@@ -67,9 +67,12 @@ def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) ->
     lines = [
         "# Benchmarks",
         "",
-        "Relay (one pod and two pods on one Redis) and the reference Django Channels app it replaces "
-        "(`loadtest/peers`: channels_redis + daphne), measured side by side in one run of `make bench` "
-        "with the same load generator (`loadtest/engine.py`) on loopback.",
+        "Relay (one pod and two pods on one Redis), the reference Django Channels app it replaces "
+        "(`loadtest/peers/refapp`: the original sync consumer on channels_redis's core layer under daphne), "
+        "the strongest Django configuration for the same app (an async consumer on RedisPubSubChannelLayer "
+        "under uvicorn, one worker process as relay has one), and the Python limit "
+        "(`loadtest/peers/minimal.py`: the seed protocol on asyncio + uvloop alone), measured side by side "
+        "in one run of `make bench` with the same load generator (`loadtest/engine.py`) on loopback.",
         "",
         f"**Taken on a 2-core machine shared with other work**, with the load generator on the same "
         f"cores, so absolute numbers are noisy; ratios measured in the same run are the meaningful part. "
