@@ -9,9 +9,9 @@ docs/plots/*.png. Shapes:
   until p99 passes 100 ms, anything is lost, or the generator saturates; the last good step is the
   maximum sustainable rate, and the first bad one says who was the limit (server, Redis, or the
   load generator) from the CPU each process used during that step.
-- 5,000 idle connections: connections per second, server memory per connection (RSS growth over
-  the connections), and the time for one broadcast to reach the last of 5,000 members (median of
-  repeated broadcasts).
+- 5,000 idle connections, on fresh servers (before any load) and again after the ramps:
+  connections per second, server memory per connection (RSS growth over the connections), and the
+  time for one broadcast to reach the last of 5,000 members (median of repeated broadcasts).
 
     .venv-load/bin/python -m loadtest.bench [--quick] [--out docs/benchmarks.md]
 """
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_fd_limit()
     subs, idle_n, seconds = (200, 500, 2.0) if args.quick else (1000, args.idle, args.step_seconds)
     started = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine(), "ramps": [], "idle": {}, "notes": []}
+    results: dict[str, Any] = {"machine": machine(), "ramps": [], "idle": {}, "idle_fresh": {}, "notes": []}
     with Servers() as servers:
         redis = servers.redis()
         failure = _probe(servers, redis)
@@ -297,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.only:
             keep = {t.strip() for t in args.only.split(",")}
             targets = [t for t in targets if t.name in keep]
+        print(f"shape: {idle_n} idle connections in one group, on fresh servers", flush=True)
+        for target in targets:
+            fresh = results["idle_fresh"][target.name] = _run(idle(target, idle_n, args.broadcasts))
+            print(f"  {target.name:>15}: {fresh['kib_per_connection']:.1f} KiB/conn", flush=True)
         shapes = [
             ("groups", Shape.uniform(subs, 100 if not args.quick else 20)),
             ("one", Shape.uniform(subs, 1)),
@@ -307,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rates = RATES[(key, target.kind)]
                 r = _run(ramp(target, shape, key, redis, seconds, [float(x) for x in rates]))
                 results["ramps"].append(r.__dict__)
-        print(f"shape: {idle_n} idle connections in one group", flush=True)
+        print(f"shape: {idle_n} idle connections in one group, after the ramps", flush=True)
         for target in targets:
             res = _run(idle(target, idle_n, args.broadcasts))
             results["idle"][target.name] = res

@@ -164,8 +164,8 @@ def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) ->
         "",
         "## Idle connections, memory and one broadcast",
         "",
-        "| target | connections | connect/s | server RSS before -> after | KiB per connection | "
-        "broadcast: median member / last member (median of runs) | complete broadcasts |",
+        "| target | connections | connect/s | server RSS before -> after | KiB per connection "
+        "(on a fresh server) | broadcast: median / last member (median of runs) | complete broadcasts |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, i in idle.items():
@@ -173,7 +173,8 @@ def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) ->
         med = i["median_member_s_median"]
         lines.append(
             f"| {name} | {i['connections']:,} ({i['connect_errors']} errors) | {i['connect_per_s']:,.0f} | "
-            f"{i['rss_before_mib']:.0f} -> {i['rss_after_mib']:.0f} MiB | {i['kib_per_connection']:.1f} | "
+            f"{i['rss_before_mib']:.0f} -> {i['rss_after_mib']:.0f} MiB | {i['kib_per_connection']:.1f} "
+            f"({_fresh(results, name)}) | "
             f"{_fmt(med and med * 1000, ' ms', 1)} / {_fmt(last and last * 1000, ' ms', 1)} | "
             f"{i['complete_broadcasts']}/{len(i['broadcasts'])} |"
         )
@@ -231,6 +232,11 @@ def limit_ratios(results: dict[str, Any]) -> list[str]:
 def _cpu_at_max(ramp: dict[str, Any]) -> float | None:
     good = [s for s in ramp["steps"] if s["rate"] == ramp["max_rate"] and s["summary"]["ok"]]
     return float(good[0]["server_cpu_us_per_delivery"]) if good else None
+
+
+def _fresh(results: dict[str, Any], name: str) -> str:
+    fresh = results.get("idle_fresh", {}).get(name)
+    return f"{fresh['kib_per_connection']:.1f}" if fresh else "-"
 
 
 def _attempt(step: dict[str, Any]) -> str:
