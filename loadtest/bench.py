@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             Target("relay 2 pods", [servers.relay(redis.url, f"relay-{c}") for c in "bc"], "relay"),
             Target("Django Channels", [servers.django(redis.url.rsplit("/", 1)[0] + "/1")], "django"),
             Target(
-                "Django async (pubsub, uvicorn)",
+                "Django async pubsub",
                 [servers.django_async(redis.url.rsplit("/", 1)[0] + "/2", workers=1)],
                 "django-async",
                 "async consumer on RedisPubSubChannelLayer, uvicorn with 1 worker (relay: 1 process)",
