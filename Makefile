@@ -95,6 +95,12 @@ load-smoke: $(STAMP) $(LOAD_STAMP) redis-server ## the Locust smoke profile and 
 bench: $(STAMP) $(LOAD_STAMP) redis-server ## side-by-side benchmark (relay 1 and 2 pods vs Django Channels): docs/benchmarks.md
 	ulimit -n $$(ulimit -Hn) && $(LOAD_VENV)/bin/python -m loadtest.bench
 
+curves: $(STAMP) $(LOAD_STAMP) redis-server ## latency and CPU per delivery against group size, payload and pods
+	ulimit -n $$(ulimit -Hn) && $(LOAD_VENV)/bin/python -m loadtest.curves
+
+flame: $(STAMP) $(LOAD_STAMP) redis-server ## a py-spy flame graph of one pod at the headline shape
+	ulimit -n $$(ulimit -Hn) && $(LOAD_VENV)/bin/python -m loadtest.flame
+
 bench-history: $(STAMP) redis-server ## what per-group history costs, off and on side by side: docs/history.md
 	ulimit -n $$(ulimit -Hn) && $(BIN)/python -m loadtest.history_cost --json docs/results/history-cost.json
 
