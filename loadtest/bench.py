@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import statistics
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loadtest.engine import Fleet, Shape, raise_fd_limit
-from loadtest.servers import ROOT, Server, Servers, cpu_seconds, rss_bytes
+from loadtest.servers import LOAD_PYTHON, MAIN_PYTHON, ROOT, Server, Servers, cpu_seconds, rss_bytes
 from loadtest.stats import Slo
 
 P99_MS = 100.0
@@ -263,16 +264,40 @@ def machine() -> dict[str, str]:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small shapes and short steps (a dry run)")
-    p.add_argument("--step-seconds", type=float, default=5.0)
-    p.add_argument("--idle", type=int, default=5000, help="idle connections in the memory shape")
-    p.add_argument("--broadcasts", type=int, default=5)
-    p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
-    p.add_argument("--only", default="", help="comma-separated target names to run (default: all)")
-    args = p.parse_args(argv)
-    raise_fd_limit()
+VERSIONS = {  # package -> the venv whose copy the run used
+    "starlette": "main", "uvicorn": "main", "redis": "main", "prometheus-client": "main", "structlog": "main",
+    "django": "load", "channels": "load", "channels-redis": "load", "daphne": "load", "locust": "load",
+}  # fmt: skip
+
+
+def versions() -> dict[str, str]:
+    """What produced the numbers: relay's own dependencies from .venv, the peers' from .venv-load."""
+    found = {"python": platform.python_version(), "redis-server": machine()["redis"]}
+    for venv, python in (("main", MAIN_PYTHON), ("load", LOAD_PYTHON)):
+        names = [name for name, where in VERSIONS.items() if where == venv]
+        code = "import importlib.metadata as m, json, sys; print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"  # noqa: E501
+        out = subprocess.run([python, "-c", code, *names], capture_output=True, text=True, check=False).stdout
+        found |= {f"{name} ({venv} venv)": v for name, v in (json.loads(out) if out else {}).items()}
+    return found
+
+
+def provenance(argv: Sequence[str]) -> dict[str, Any]:
+    """The command, the commit, whether the tree was clean, and the versions: what a reader needs to
+    trace a number back and rerun it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, check=False).stdout
+
+    return {
+        "command": "make bench  # = .venv-load/bin/python -m loadtest.bench " + " ".join(argv),
+        "git_commit": git("rev-parse", "HEAD").strip(),
+        "git_dirty_files": [line[3:] for line in git("status", "--porcelain").splitlines()],
+        "versions": versions(),
+    }
+
+
+def one_run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Every target through every shape, on servers started for this run; None if relay cannot run."""
     subs, idle_n, seconds = (200, 500, 2.0) if args.quick else (1000, args.idle, args.step_seconds)
     started = time.perf_counter()
     results: dict[str, Any] = {"machine": machine(), "ramps": [], "idle": {}, "idle_fresh": {}, "notes": []}
@@ -281,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failure = _probe(servers, redis)
         if failure:
             print("relay cannot be benchmarked:", failure, file=sys.stderr, flush=True)
-            return 1
+            return None
         targets = [
             Target("relay 1 pod", [servers.relay(redis.url, "relay-a")], "relay"),
             Target("relay 2 pods", [servers.relay(redis.url, f"relay-{c}") for c in "bc"], "relay"),
@@ -323,10 +348,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         results["server_logs"] = servers.logdir
     results["seconds"] = time.perf_counter() - started
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shapes and short steps (a dry run)")
+    p.add_argument("--runs", type=int, default=3, help="whole runs, one after the other (medians over them)")
+    p.add_argument("--step-seconds", type=float, default=5.0)
+    p.add_argument("--idle", type=int, default=5000, help="idle connections in the memory shape")
+    p.add_argument("--broadcasts", type=int, default=5)
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks.md"))
+    p.add_argument("--only", default="", help="comma-separated target names to run (default: all)")
+    p.add_argument(
+        "--allow-dirty", action="store_true", help="run on uncommitted changes (marked in the report)"
+    )
+    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    meta = provenance(argv)
+    if meta["git_dirty_files"] and not args.allow_dirty:
+        dirty = meta["git_dirty_files"][:5]
+        why = "the tree has uncommitted changes, so the numbers could not be traced to a commit"
+        print(f"{why}: commit first, or pass --allow-dirty for a trial ({dirty})", file=sys.stderr)
+        return 2
+    raise_fd_limit()
+    runs = []
+    raw = os.path.join(os.path.dirname(args.out), "results", "bench")
+    os.makedirs(raw, exist_ok=True)
+    for k in range(1, args.runs + 1):
+        print(f"run {k} of {args.runs}", flush=True)
+        results = one_run(args)
+        if results is None:
+            return 1
+        results |= meta | {"run": k, "runs": args.runs}
+        with open(os.path.join(raw, f"run-{k}.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        runs.append(results)
     from loadtest.report import write_report
 
-    write_report(results, args.out, argv=sys.argv[1:])
-    print(f"wrote {args.out} in {results['seconds']:.0f} s", flush=True)
+    write_report(runs, args.out, argv=argv)
+    print(f"wrote {args.out} and {raw}/run-*.json in {sum(r['seconds'] for r in runs):.0f} s", flush=True)
     return 0
 
 

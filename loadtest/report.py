@@ -1,28 +1,19 @@
-"""docs/benchmarks.md, docs/benchmarks.json and docs/plots/*.png from one `loadtest.bench` run."""
+"""docs/benchmarks.md, docs/benchmarks.json and docs/plots/*.png from the runs of `loadtest.bench`."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 from collections.abc import Sequence
 from typing import Any
-
-TARGETS_TEXT = """\
-| target (issue 6) | measured here |
-|---|---|
-| 1,000 subscribers in 100 groups: >= 20x the reference app's max sustainable rate | {ratio} |
-| 1,000 subscribers in one group: p99 <= 100 ms at >= 50 msg/s | {one} |
-| one broadcast reaches the last of 5,000 members in <= 100 ms | {bcast} |
-| <= 20 KiB server memory per idle connection | {mem} |
-| >= 1,500 new connections per second | {conn} |
-"""
 
 
 def _fmt(x: float | None, unit: str = "", digits: int = 0) -> str:
     return "n/a" if x is None else f"{x:,.{digits}f}{unit}"
 
 
-def plots(results: dict[str, Any], plot_dir: str) -> list[str]:
+def plots(results: dict[str, Any], plot_dir: str, suffix: str = "") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,7 +41,7 @@ def plots(results: dict[str, Any], plot_dir: str) -> list[str]:
         ax.set_title(f"{shape}: latency percentiles vs publish rate")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-        name = f"latency-{i + 1}-{shape.split(' in ')[-1].replace(' ', '-')}.png"
+        name = f"latency-{i + 1}-{shape.split(' in ')[-1].replace(' ', '-')}{suffix}.png"
         fig.tight_layout()
         fig.savefig(os.path.join(plot_dir, name), dpi=110)
         plt.close(fig)
@@ -58,69 +49,126 @@ def plots(results: dict[str, Any], plot_dir: str) -> list[str]:
     return files
 
 
-def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) -> None:
+INTRO = (
+    "Relay (one pod and two pods on one Redis), the reference Django Channels app it replaces "
+    "(`loadtest/peers/refapp`: the original sync consumer on channels_redis's core layer under daphne), "
+    "the strongest Django configuration for the same app (an async consumer on RedisPubSubChannelLayer "
+    "under uvicorn, one worker process as relay has one), and the Python limit "
+    "(`loadtest/peers/minimal.py`: the seed protocol on asyncio + uvloop alone), measured side by side "
+    "with the same load generator (`loadtest/engine.py`) on loopback, in whole runs one after the other."
+)
+
+
+def figures(run: dict[str, Any]) -> dict[str, float | None]:
+    """The headline figures of one run (None where not measured)."""
+    ramps = {(r["shape"], r["target"]): r for r in run["ramps"]}
+    shapes = list(dict.fromkeys(r["shape"] for r in run["ramps"]))
+
+    def max_rate(shape: int, target: str) -> float | None:
+        r = ramps.get((shapes[shape], target)) if len(shapes) > shape else None
+        return float(r["max_rate"]) if r else None
+
+    out: dict[str, float | None] = {
+        f"max msg/s, {shapes[0] if shapes else '100 groups'}: {t}": max_rate(0, t)
+        for t in ("relay 1 pod", "relay 2 pods", "Django Channels", "Django async pubsub", LIMIT)
+    }
+    one = ramps.get((shapes[1], "relay 1 pod")) if len(shapes) > 1 else None
+    at50 = [s for s in one["steps"] if s["rate"] == 50 and s["summary"]["ok"]] if one else []
+    out["one group: relay 1 pod max msg/s"] = float(one["max_rate"]) if one else None
+    out["one group: relay 1 pod p99 at 50 msg/s (ms)"] = (
+        at50[0]["summary"]["latency"]["p99_ms"] if at50 else None
+    )
+    for name in ("relay 1 pod", LIMIT):
+        i, fresh = run["idle"].get(name), run.get("idle_fresh", {}).get(name)
+        last = i and i["last_member_s_median"]
+        out[f"{name}: broadcast to the last idle member (ms)"] = last * 1000 if last else None
+        out[f"{name}: KiB per idle connection, fresh"] = fresh["kib_per_connection"] if fresh else None
+        out[f"{name}: KiB per idle connection, after load"] = i["kib_per_connection"] if i else None
+        out[f"{name}: new connections/s"] = i["connect_per_s"] if i else None
+    return out
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    per_run = [figures(r) for r in runs]
+    return {
+        key: statistics.median(v) if (v := [f[key] for f in per_run if f[key] is not None]) else None
+        for key in per_run[0]
+    }
+
+
+def headline(runs: list[dict[str, Any]]) -> list[str]:
+    """Every figure per run and its median; ratios are of the medians, so a cell agrees with its operands."""
+    per_run, med = [figures(r) for r in runs], medians(runs)
+    head = " | ".join(f"run {r['run']}" for r in runs)
+    lines = [f"| figure | {head} | median |", "|---|" + "---:|" * (len(runs) + 1)]
+    for key in med:
+        if all(f[key] is None for f in per_run):
+            continue  # a target this run left out (--only)
+        cells = " | ".join(_fmt(f[key], digits=1) for f in per_run)
+        lines.append(f"| {key} | {cells} | **{_fmt(med[key], digits=1)}** |")
+    relay = next((k for k in med if k.endswith(": relay 1 pod") and k.startswith("max")), "")
+    lines += ["", "| ratio of medians | value |", "|---|---:|"]
+    for other in ("Django Channels", "Django async pubsub", LIMIT):
+        key = relay.replace("relay 1 pod", other)
+        a, b = med.get(relay), med.get(key)
+        if a and b:
+            lines.append(f"| relay 1 pod / {other}, max msg/s ({_fmt(a)} / {_fmt(b)}) | **{a / b:.2f}x** |")
+    return [*lines, ""]
+
+
+def write_report(runs: list[dict[str, Any]], out: str, argv: Sequence[str] = ()) -> None:
     docs = os.path.dirname(out)
+    first = runs[0]
     with open(os.path.join(docs, "benchmarks.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    files = plots(results, os.path.join(docs, "plots"))
-    m = results["machine"]
+        json.dump({"medians": medians(runs), "runs": runs}, f, indent=1, default=str)
     lines = [
         "# Benchmarks",
         "",
-        "Relay (one pod and two pods on one Redis), the reference Django Channels app it replaces "
-        "(`loadtest/peers/refapp`: the original sync consumer on channels_redis's core layer under daphne), "
-        "the strongest Django configuration for the same app (an async consumer on RedisPubSubChannelLayer "
-        "under uvicorn, one worker process as relay has one), and the Python limit "
-        "(`loadtest/peers/minimal.py`: the seed protocol on asyncio + uvloop alone), measured side by side "
-        "in one run of `make bench` with the same load generator (`loadtest/engine.py`) on loopback.",
+        INTRO,
         "",
         f"**Taken on a 2-core machine shared with other work**, with the load generator on the same "
-        f"cores, so absolute numbers are noisy; ratios measured in the same run are the meaningful part. "
-        f"One run took {results['seconds'] / 60:.1f} minutes. A ramp step that fails is repeated and "
-        "passes on 2 of 3 tries; the broadcast times are medians of 5 broadcasts.",
+        f"cores, so absolute numbers are noisy: quote medians over the {len(runs)} runs and ratios of "
+        f"them. A run took {statistics.median(r['seconds'] for r in runs) / 60:.1f} minutes. A ramp step "
+        "that fails is repeated and passes on 2 of 3 tries; the broadcast times are medians of 5 broadcasts. "
+        "Raw results of each run: `docs/results/bench/run-*.json`.",
         "",
-        "## Machine and command",
+        "## Machine, command, commit and versions",
         "",
         "| | |",
         "|---|---|",
-        *[f"| {k} | {v} |" for k, v in m.items()],
+        *[f"| {k} | {v} |" for k, v in first["machine"].items() if k not in ("relay commit", "python")],
+        f"| commit | {first['git_commit']}{' (uncommitted changes!)' if first['git_dirty_files'] else ''} |",
+        *[f"| {k} | {v} |" for k, v in first["versions"].items()],
         "",
         "```",
-        "make bench    # = ulimit -n $(ulimit -Hn) && .venv-load/bin/python -m loadtest.bench "
-        + " ".join(argv),
+        "ulimit -n $(ulimit -Hn) && " + first["command"].split("# = ", 1)[-1],
         "```",
         "",
+        "## Headline figures, per run and their medians",
+        "",
+        *headline(runs),
     ]
+    for results in runs:
+        lines += [f"## Run {results['run']}", ""]
+        lines += _run_sections(results, os.path.join(docs, "plots"))
+    extra = os.path.join(docs, "benchmarks-findings.md")
+    if os.path.exists(extra):
+        with open(extra) as f:
+            lines += [f.read()]
+    with open(out, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+
+
+def _run_sections(results: dict[str, Any], plot_dir: str) -> list[str]:
+    """One run's tables: the ramps' maxima and every step, its plots, and the idle shapes."""
+    files = plots(results, plot_dir, suffix=f"-run{results['run']}")
+    lines: list[str] = []
     for note in results["notes"]:
         lines += [f"> **Note:** {note}", ""]
-    ramps = {(r["shape"], r["target"]): r for r in results["ramps"]}
-    shapes = list(dict.fromkeys(r["shape"] for r in results["ramps"]))
     idle = results["idle"]
-
-    def max_rate(shape: str, target: str) -> float | None:
-        r = ramps.get((shape, target))
-        return r["max_rate"] if r else None
-
-    ratio = one = bcast = mem = conn = "not measured"
-    if shapes:
-        relay, ref = max_rate(shapes[0], "relay 1 pod"), max_rate(shapes[0], "Django Channels")
-        if relay is not None and ref:
-            ratio = f"relay {relay:,.0f} msg/s vs reference {ref:,.0f} msg/s: **{relay / ref:.1f}x**"
-        elif relay is not None:
-            ratio = f"relay {relay:,.0f} msg/s; the reference sustained none of its ramp's rates"
-    if len(shapes) > 1 and (r := ramps.get((shapes[1], "relay 1 pod"))):
-        at50 = [s for s in r["steps"] if s["rate"] == 50 and s["summary"]["ok"]]
-        p99 = at50[0]["summary"]["latency"]["p99_ms"] if at50 else None
-        one = f"max sustainable {r['max_rate']:g} msg/s; p99 at 50 msg/s {_fmt(p99, ' ms', 1)}"
-    if (i := idle.get("relay 1 pod")) is not None:
-        bcast = f"median {_fmt(i['last_member_s_median'] and i['last_member_s_median'] * 1000, ' ms', 1)}"
-        bcast += f" to the last of {i['connections']:,}"
-        mem = f"{i['kib_per_connection']:.1f} KiB"
-        conn = f"{i['connect_per_s']:,.0f} connections/s"
-    lines += ["## Against the targets (one pod on Redis)", "", TARGETS_TEXT.format(**locals()), ""]
     lines += limit_ratios(results)
     lines += [
-        "## Maximum sustainable publish rate",
+        "### Maximum sustainable publish rate",
         "",
         "Ramped in fixed steps until p99 > 100 ms, any loss, or a saturated generator; a step that fails is "
         "run twice more and passes on 2 of 3 (one noisy pass must not end a ramp). The table gives the "
@@ -143,7 +191,7 @@ def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) ->
             cells = "- | - | -"
         lines.append(f"| {r['shape']} | {r['target']} | {r['max_rate']:,g} | {cells} | {r['limit']} |")
     lines += ["", *[f"![latency]({os.path.join('plots', f)})" for f in files], ""]
-    lines += ["### Every step", ""]
+    lines += ["#### Every step", ""]
     lines += [
         "| shape | target | msg/s | deliveries/s | p50 | p99 | p99.9 | max | lost | server CPU | Redis CPU "
         "| generator CPU | machine CPU (of 200%) | ok |",
@@ -162,7 +210,7 @@ def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) ->
             )
     lines += [
         "",
-        "## Idle connections, memory and one broadcast",
+        "### Idle connections, memory and one broadcast",
         "",
         "| target | connections | connect/s | server RSS before -> after | KiB per connection "
         "(on a fresh server) | broadcast: median / last member (median of runs) | complete broadcasts |",
@@ -178,13 +226,7 @@ def write_report(results: dict[str, Any], out: str, argv: Sequence[str] = ()) ->
             f"{_fmt(med and med * 1000, ' ms', 1)} / {_fmt(last and last * 1000, ' ms', 1)} | "
             f"{i['complete_broadcasts']}/{len(i['broadcasts'])} |"
         )
-    lines += [""]
-    extra = os.path.join(docs, "benchmarks-findings.md")
-    if os.path.exists(extra):
-        with open(extra) as f:
-            lines += [f.read()]
-    with open(out, "w") as f:
-        f.write("\n".join(lines).rstrip() + "\n")
+    return [*lines, ""]
 
 
 LIMIT = "Python limit"
@@ -217,7 +259,7 @@ def limit_ratios(results: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     return [
-        "## relay against the Python limit",
+        "### relay against the Python limit",
         "",
         "The minimal server (`loadtest/peers/minimal.py`: the seed protocol on asyncio + uvloop alone, no "
         "framework, Redis, limits or metrics) in the same run; relay's figures as a ratio to it.",
