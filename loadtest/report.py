@@ -90,10 +90,11 @@ def figures(run: dict[str, Any]) -> dict[str, float | None]:
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
     per_run = [figures(r) for r in runs]
-    return {
-        key: statistics.median(v) if (v := [f[key] for f in per_run if f[key] is not None]) else None
-        for key in per_run[0]
-    }
+    out: dict[str, float | None] = {}
+    for key in per_run[0]:
+        values = [value for f in per_run if (value := f[key]) is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
 
 
 def headline(runs: list[dict[str, Any]]) -> list[str]:

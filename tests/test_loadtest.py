@@ -401,3 +401,26 @@ def test_the_async_django_reference_relays_for_the_engine(tmp_path: Path) -> Non
         acc = json.loads(out.read_text())["accounting"]
         assert acc["expected"] == 60 * 10 and acc["lost"] == 0 and acc["duplicates"] == 0, acc
         assert len(tree(django.pid)) >= 3  # uvicorn's supervisor and its two workers, all charged
+
+
+def _bench_run(k: int, relay: float, reference: float) -> dict[str, Any]:
+    ramp = {"shape": "1000 in 100 groups", "steps": [], "limit": ""}
+    ramps = [
+        ramp | {"target": "relay 1 pod", "max_rate": relay},
+        ramp | {"target": "Django Channels", "max_rate": reference},
+    ]
+    return {"run": k, "ramps": ramps, "idle": {}, "idle_fresh": {}}
+
+
+def test_bench_headline_ratios_are_of_the_medians_so_cells_agree_with_their_operands() -> None:
+    from loadtest.report import headline
+
+    runs = [_bench_run(1, 10000, 250), _bench_run(2, 8000, 200), _bench_run(3, 10000, 200)]
+    text = "\n".join(headline(runs))
+    assert (
+        "| max msg/s, 1000 in 100 groups: relay 1 pod | 10,000.0 | 8,000.0 | 10,000.0 | **10,000.0** |"
+        in text
+    )
+    # medians 10,000 and 200: 50x (the median of the per-run ratios, 40x, would contradict them)
+    assert "| relay 1 pod / Django Channels, max msg/s (10,000 / 200) | **50.00x** |" in text
+    assert "Python limit" not in text  # targets a run left out get no rows
