@@ -1,4 +1,4 @@
-"""Fan-out measurement with a minimal raw-asyncio WebSocket client (loopback only, bounded).
+"""Fan-out measurement with the engine's raw asyncio WebSocket client (loopback only, bounded).
 
 Measures what one pod costs, from outside: server CPU per delivered frame (from /proc), the time for
 one broadcast to reach the last of N members, server memory per idle connection and the connect
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import resource
@@ -26,37 +25,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import cast
 from urllib.parse import urlparse
 
 import uvloop
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * PAGE
-
-
-def text_frame(payload: bytes) -> bytes:
-    """A masked client text frame with an all-zero mask key (no XOR needed; servers accept any key)."""
-    n = len(payload)
-    if n < 126:
-        head = bytes([0x81, 0x80 | n])
-    elif n < 65536:
-        head = bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([0x81, 0x80 | 127]) + n.to_bytes(8, "big")
-    return head + b"\x00\x00\x00\x00" + payload
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script too
+from loadtest.engine import WsClient
+from loadtest.servers import cpu_seconds, free_port, rss_bytes
 
 
 @dataclass
@@ -80,62 +55,18 @@ class Stats:
         return self.last[index]
 
 
-class Member(asyncio.Protocol):
-    """Counts frames and stamps the arrival of each; the first frame (the welcome) is index 0."""
+class Member(WsClient):
+    """The engine's WebSocket client, counting text frames: the first (the welcome) is index 0."""
 
-    def __init__(self, path: str, stats: Stats, opened: asyncio.Future[None]) -> None:
-        self.path, self.stats, self.opened = path, stats, opened
-        self.buf = b""
-        self.upgraded = False
+    def __init__(self, host: str, path: str, stats: Stats) -> None:
+        super().__init__(host, path)
+        self.stats = stats
         self.index = 0
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.transport.write(
-            f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf + data
-        if not self.upgraded:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                self.buf = buf
-                return
-            if not buf.startswith(b"HTTP/1.1 101"):
-                self.opened.set_exception(RuntimeError(buf[:80].decode(errors="replace")))
-                return
-            self.upgraded = True
-            buf = buf[end + 4 :]
-        now = time.perf_counter()
-        pos = 0
-        while len(buf) - pos >= 2:
-            n = buf[pos + 1] & 0x7F
-            start = pos + 2
-            if n == 126:
-                if len(buf) - pos < 4:
-                    break
-                n, start = int.from_bytes(buf[pos + 2 : pos + 4], "big"), pos + 4
-            elif n == 127:
-                if len(buf) - pos < 10:
-                    break
-                n, start = int.from_bytes(buf[pos + 2 : pos + 10], "big"), pos + 10
-            if len(buf) < start + n:
-                break
-            if buf[pos] & 0x0F == 1:  # text frame
-                self.stats.arrived(self.index, now)
-                if self.index == 0 and not self.opened.done():
-                    self.opened.set_result(None)
-                self.index += 1
-            pos = start + n
-        self.buf = buf[pos:]
-
-    def send(self, payload: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(text_frame(payload))
+    def on_text(self, payload: bytes, now: float) -> None:
+        super().on_text(payload, now)
+        self.stats.arrived(self.index, now)
+        self.index += 1
 
 
 async def open_members(
@@ -147,9 +78,8 @@ async def open_members(
 
     async def one() -> None:
         async with gate:
-            opened: asyncio.Future[None] = loop.create_future()
-            _, member = await loop.create_connection(lambda: Member(path, stats, opened), host, port)
-            await asyncio.wait_for(opened, 30)
+            _, member = await loop.create_connection(lambda: Member(host, path, stats), host, port)
+            await asyncio.wait_for(member.welcome, 30)
             members.append(member)
 
     started = time.perf_counter()
@@ -174,8 +104,8 @@ async def measure(
     cpu_before, client_before = cpu_seconds(pid), time.process_time()
     for i in range(1, broadcasts + 1):
         body = json.dumps({"task": "send_message_to_group", "group_name": "bench", "seq": i}).encode()
-        sent = time.perf_counter()
-        publisher.send(body)
+        sent = time.time()  # the clock WsClient stamps arrivals with
+        publisher.send_text(body)
         try:
             latencies.append(await stats.wait(i, 10) - sent)
         except TimeoutError:
@@ -187,8 +117,7 @@ async def measure(
     client_cpu = time.process_time() - client_before
     deliveries = members * broadcasts
     for member in (*group, publisher):
-        assert member.transport is not None
-        member.transport.close()
+        member.close()
     return {
         "members": members,
         "broadcasts": broadcasts,
@@ -199,12 +128,6 @@ async def measure(
         "server_cpu_us_per_delivery": server_cpu / deliveries * 1e6,
         "client_cpu_us_per_delivery": client_cpu / deliveries * 1e6,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spawn(env_pairs: list[str], members: int) -> tuple[subprocess.Popen[bytes], str]:
