@@ -9,7 +9,7 @@ import pytest
 import structlog
 import uvloop
 
-pytest_plugins = ["tests.redis_servers"]
+pytest_plugins = ["tests.redis_servers", "tests.podman"]
 
 
 def pytest_configure() -> None:
