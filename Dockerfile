@@ -3,8 +3,11 @@
 # Two stages: `build` installs relay and its dependencies into a virtualenv, the runtime stage copies
 # only that virtualenv onto the same slim base (no compiler, no pip cache, no sources).
 ARG PYTHON_VERSION=3.12.12
+# The base of both stages. Any image with python3 (3.11+) and its venv module will do: the tests build
+# on a Debian bookworm root made with mmdebstrap (no registry there). The label below names it.
+ARG BASE_IMAGE=docker.io/library/python:${PYTHON_VERSION}-slim-bookworm
 
-FROM python:${PYTHON_VERSION}-slim-bookworm AS build
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
@@ -16,7 +19,8 @@ RUN python -m venv /opt/relay \
     && /opt/relay/bin/pip install --no-compile /src \
     && /opt/relay/bin/python -m compileall -q -j 0 /opt/relay/lib
 
-FROM python:${PYTHON_VERSION}-slim-bookworm
+FROM ${BASE_IMAGE}
+ARG BASE_IMAGE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="relay" \
@@ -24,7 +28,7 @@ LABEL org.opencontainers.image.title="relay" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="docker.io/library/python:${PYTHON_VERSION}-slim-bookworm"
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 COPY --from=build /opt/relay /opt/relay
 # Bytecode was compiled at build time, so nothing writes to the (read-only) root filesystem; /tmp is
 # the only writable path (an emptyDir in the Helm chart).

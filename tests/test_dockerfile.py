@@ -58,13 +58,16 @@ def test_hadolint_finds_nothing() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_two_stages_on_a_slim_python_base_pinned_to_a_patch_version() -> None:
+def test_two_stages_on_one_base_by_default_a_slim_python_pinned_to_a_patch_version() -> None:
+    """Both stages build FROM ${BASE_IMAGE} (the venv is copied between them, so they must match),
+    which defaults to the official slim Python; tests/test_image.py builds on a Debian root instead."""
     steps = instructions()
-    args = dict(rest.partition("=")[::2] for word, rest in steps if word == "ARG")
+    args = dict(rest.partition("=")[::2] for word, rest in steps if word == "ARG" and "=" in rest)
     bases = [rest.split()[0] for word, rest in steps if word == "FROM"]
     assert len(bases) >= 2
     for base in bases:
-        assert base == "python:${PYTHON_VERSION}-slim-bookworm"
+        assert base == "${BASE_IMAGE}"
+    assert args["BASE_IMAGE"] == "docker.io/library/python:${PYTHON_VERSION}-slim-bookworm"
     assert re.fullmatch(r"3\.1[1-9]\.\d+", args["PYTHON_VERSION"])
 
 
@@ -96,6 +99,10 @@ def test_oci_labels() -> None:
     labels = " ".join(rest for word, rest in final_stage() if word == "LABEL")
     for key in ("title", "description", "version", "revision", "licenses", "base.name"):
         assert f"org.opencontainers.image.{key}=" in labels
+    # The base label names the base the build used: the build argument, declared again in the final
+    # stage (an ARG from before the first FROM is empty inside a stage unless declared there).
+    assert 'org.opencontainers.image.base.name="${BASE_IMAGE}"' in labels
+    assert ("ARG", "BASE_IMAGE") in final_stage()
 
 
 def copied_sources() -> list[str]:
