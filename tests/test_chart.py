@@ -844,7 +844,8 @@ def test_the_internal_port_opens_to_backends_only_when_the_api_is_on(values: Pat
         return
     source = yaml.safe_load(values.read_text()) or {}
     api = ((source.get("relay") or {}).get("api") or {}).get("enabled", False)
-    expected = [MONITORING, source["networkPolicy"]["apiFrom"]] if api else [MONITORING]
+    metrics = source["networkPolicy"].get("metricsFrom") or MONITORING
+    expected = [metrics, source["networkPolicy"]["apiFrom"]] if api else [metrics]
     assert _internal_port_sources(manifests) == expected
     assert ("RELAY_API_KEYS" in {e["name"] for e in relay_container(manifests)["env"]}) == api
 
