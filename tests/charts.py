@@ -24,6 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "relay"
 CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
 DASHBOARD = ROOT / "deploy" / "grafana" / "relay.json"
+# There is no published relay image, so the chart refuses an empty image.repository; every render in
+# the tests starts from this file (values files given later override it).
+IMAGE_VALUES = ROOT / "tests" / "chart_image_values.yaml"
+RELEASE = "relay"
 METRICS_MODULE = ROOT / "service" / "metrics.py"
 
 Manifest = dict[str, Any]
@@ -61,10 +65,15 @@ def _helm_env() -> dict[str, str]:
 
 
 @functools.cache
-def render_text(values: tuple[str, ...] = (), sets: tuple[str, ...] = ()) -> str:
-    """`helm template` output; raises with helm's message when rendering fails."""
-    args = ["template", "relay", str(CHART), "--namespace", "realtime"]
-    for path in values:
+def render_text(
+    values: tuple[str, ...] = (), sets: tuple[str, ...] = (), release: str = RELEASE, image: bool = True
+) -> str:
+    """`helm template` output; raises with helm's message when rendering fails.
+
+    `image=False` leaves out IMAGE_VALUES, to see what a user who sets no image gets.
+    """
+    args = ["template", release, str(CHART), "--namespace", "realtime"]
+    for path in ((str(IMAGE_VALUES),) if image else ()) + values:
         args += ["-f", path]
     for assignment in sets:  # "json:key=1.5" keeps the JSON type, which --set turns into a string
         json_value = assignment.startswith("json:")
@@ -79,9 +88,42 @@ class RenderError(Exception):
     """helm refused the values (schema or a `fail` in a template); the message is helm's."""
 
 
-def render(*values: str | Path, sets: tuple[str, ...] = ()) -> list[Manifest]:
-    text = render_text(tuple(str(v) for v in values), sets)
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+def render(*values: str | Path, sets: tuple[str, ...] = (), release: str = RELEASE) -> list[Manifest]:
+    text = render_text(tuple(str(v) for v in values), sets, release)
+    return [doc for doc in strict_load_all(text) if doc]
+
+
+class StrictLoader(yaml.SafeLoader):
+    """A YAML loader that refuses duplicate keys, as kustomize and GitOps post-renderers do."""
+
+
+def _mapping_without_duplicates(loader: StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"mapping key {key!r} already defined",
+                key_node.start_mark,
+            )  # fmt: skip
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def strict_load_all(text: str) -> list[Any]:
+    """Every document of a multi-document YAML text; raises ConstructorError on a duplicate key."""
+    return list(yaml.load_all(text, Loader=StrictLoader))  # a SafeLoader subclass
+
+
+def helm_args_for(*values: str | Path) -> list[str]:
+    """-f arguments for helm install/lint: the test image first, then the given files."""
+    args: list[str] = []
+    for path in (IMAGE_VALUES, *values):
+        args += ["-f", str(path)]
+    return args
 
 
 def of_kind(manifests: list[Manifest], kind: str) -> list[Manifest]:
@@ -154,3 +196,16 @@ def promql_metric_names(expr: str) -> set[str]:
     outside = re.sub(r'"[^"]*"', "", outside)
     names = set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()", outside))
     return {n for n in names if n not in PROMQL_WORDS and not re.fullmatch(r"[0-9.e]+", n)}
+
+
+def notes(*values: str | Path, sets: tuple[str, ...] = (), release: str = RELEASE) -> str:
+    """What `helm install` prints after NOTES: for these values (a client-side dry run)."""
+    args = ["install", release, str(CHART), "--dry-run=client", "--namespace", "realtime"]
+    args += helm_args_for(*values)
+    for assignment in sets:
+        json_value = assignment.startswith("json:")
+        args += ["--set-json" if json_value else "--set", assignment.removeprefix("json:")]
+    result = helm(*args)
+    if result.returncode != 0:
+        raise RenderError(result.stderr.strip())
+    return result.stdout.split("NOTES:", 1)[1]

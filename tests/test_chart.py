@@ -33,6 +33,8 @@ from tests.charts import (
     Manifest,
     RenderError,
     helm,
+    helm_args_for,
+    notes,
     of_kind,
     one,
     relay_config,
@@ -88,7 +90,7 @@ def test_there_is_a_values_file_for_every_feature() -> None:
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=VALUES_IDS)
 def test_helm_lint_strict_passes(values: Path) -> None:
-    result = helm("lint", "--strict", str(CHART), "-f", str(values))
+    result = helm("lint", "--strict", str(CHART), *helm_args_for(values))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -466,7 +468,8 @@ def test_helm_test_pod_runs_the_selftest_through_the_service() -> None:
 
 
 def test_notes_give_the_port_forward_commands() -> None:
-    result = helm("install", "relay", str(CHART), "--dry-run=client", "--namespace", "realtime")
+    args = ("install", "relay", str(CHART), "--dry-run=client", "--namespace", "realtime", *helm_args_for())
+    result = helm(*args)
     assert result.returncode == 0, result.stderr
     assert "kubectl -n realtime port-forward service/relay 8000:8000" in result.stdout
     assert "kubectl -n realtime port-forward service/relay-internal 8001:8001" in result.stdout
@@ -841,7 +844,8 @@ def test_the_internal_port_opens_to_backends_only_when_the_api_is_on(values: Pat
         return
     source = yaml.safe_load(values.read_text()) or {}
     api = ((source.get("relay") or {}).get("api") or {}).get("enabled", False)
-    expected = [MONITORING, source["networkPolicy"]["apiFrom"]] if api else [MONITORING]
+    metrics = source["networkPolicy"].get("metricsFrom") or MONITORING
+    expected = [metrics, source["networkPolicy"]["apiFrom"]] if api else [metrics]
     assert _internal_port_sources(manifests) == expected
     assert ("RELAY_API_KEYS" in {e["name"] for e in relay_container(manifests)["env"]}) == api
 
@@ -854,18 +858,13 @@ def test_api_from_without_the_api_renders_no_rule() -> None:
 
 
 def _notes(*values: Path) -> str:
-    args = ["install", "relay", str(CHART), "--dry-run=client", "--namespace", "realtime"]
-    for path in values:
-        args += ["-f", str(path)]
-    result = helm(*args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.split("NOTES:", 1)[1]
+    return notes(*values)
 
 
 def test_notes_warn_when_api_keys_are_inline_and_show_the_publish_call() -> None:
     notes = _notes(SECURITY_VALUES)
     assert "WARNING: the API keys come from relay.api.keys" in notes and "relay.api.existingSecret" in notes
-    assert "http://relay-internal.realtime:8001/api/publish" in notes
+    assert "http://relay-publish.realtime:8001/api/publish" in notes
     assert "Tokens are required" in notes
     production = _notes(CHART / "ci" / "production-values.yaml")
     assert "relay.api.keys" not in production and "WARNING: relay.auth.enabled is false" not in production

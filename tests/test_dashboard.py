@@ -20,6 +20,7 @@ from tests.charts import (
     CHART,
     DASHBOARD,
     METRICS_MODULE,
+    ROOT,
     exported_metric_names,
     of_kind,
     promql_metric_names,
@@ -137,3 +138,54 @@ def test_every_relay_metric_appears_in_a_panel_or_an_alert() -> None:
         if not any(name == family or name.startswith(family + "_") for name in used)
     ]  # fmt: skip
     assert not unused, f"relay metrics in no panel and no alert: {unused}"
+
+
+GRAFANA_DEFAULT_STEPS = [{"color": "green", "value": None}, {"color": "red", "value": 80}]
+
+
+def colour(panel: dict[str, Any], value: float) -> str:
+    """The colour a stat panel's own thresholds give `value`."""
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    chosen: str = steps[0]["color"]
+    for step in steps[1:]:
+        if value >= step["value"]:
+            chosen = step["color"]
+    return chosen
+
+
+def stat(title: str) -> dict[str, Any]:
+    [panel] = [p for p in panels() if p["type"] == "stat" and p["title"] == title]
+    return panel
+
+
+def test_every_stat_panel_has_its_own_thresholds_and_unit() -> None:
+    """Without thresholds of its own a stat panel takes Grafana's default (red above 80)."""
+    stats = [p for p in panels() if p["type"] == "stat"]
+    assert stats
+    for panel in stats:
+        defaults = panel["fieldConfig"]["defaults"]
+        assert defaults.get("unit"), panel["title"]
+        thresholds = defaults.get("thresholds")
+        assert thresholds and thresholds["mode"] == "absolute", panel["title"]
+        assert thresholds["steps"][0]["value"] is None, panel["title"]
+        assert thresholds["steps"] != GRAFANA_DEFAULT_STEPS, panel["title"]
+        assert defaults.get("color", {}).get("mode") == "thresholds", panel["title"]
+    assert colour(stat("Open connections"), 50_000) != "red"
+    redis = stat("Redis up")
+    assert redis["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    assert colour(redis, 0) == "red" and colour(redis, 0.5) != "green" and colour(redis, 1) == "green"
+    p99 = stat("Fan-out p99")
+    assert colour(p99, 0.01) == "green" and colour(p99, 0.3) == "red"  # the alert's 0.25 s
+
+
+def test_the_folder_annotation_is_the_one_the_docs_tell_grafana_to_read() -> None:
+    manifests = render(
+        CHART / "ci" / "monitoring-values.yaml",
+        sets=("metrics.grafanaDashboard.folderAnnotation=k8s-folder",),
+    )
+    [config] = [m for m in of_kind(manifests, "ConfigMap") if "relay.json" in m.get("data", {})]
+    assert config["metadata"]["annotations"] == {"k8s-folder": "relay"}
+    docs = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
+    for setting in ("sidecar.dashboards.folderAnnotation", "foldersFromFilesStructure"):
+        assert setting in docs
+        assert setting in (CHART / "values.yaml").read_text()

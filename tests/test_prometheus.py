@@ -32,6 +32,11 @@ pytestmark = pytest.mark.integration
 WINDOW = "2m"  # stands in for $__rate_interval: covers all the traffic of the test
 
 
+# Named as a Deployment names its pods (<fullname>-<pod-template-hash>-<suffix>): the alerts match
+# only such names, so that another release whose name starts with "relay" stays out.
+POD_NAMES = ("relay-5c9f7d8b4-x2mqz", "relay-5c9f7d8b4-k7wqp")
+
+
 class RedisServer:
     """A redis-server of this test's own on a free port, which it may kill and start again."""
 
@@ -164,7 +169,7 @@ def two_pods(redis_server: RedisServer) -> Iterator[dict[str, PodProcess]]:
         "RELAY_DRAIN_WINDOW": "0.1",
         "RELAY_REDIS_BACKOFF_MAX": "0.2",
     }
-    pods = {name: start_pod_process({**env, "RELAY_POD_ID": name}) for name in ("relay-a", "relay-b")}
+    pods = {name: start_pod_process({**env, "RELAY_POD_ID": name}) for name in POD_NAMES}
 
     def ready(pod: PodProcess) -> bool:
         try:
@@ -198,7 +203,7 @@ async def traffic(pods: dict[str, PodProcess], redis: RedisServer) -> None:
         await member_a.next()
     await member_a.direct(member_b.channel_id, hello=True)
     await member_b.next()
-    await member_a.direct("relay-b.nobody", hello=True)  # an unknown channel on a live pod
+    await member_a.direct(f"{POD_NAMES[1]}.nobody", hello=True)  # an unknown channel on a live pod
     await member_a.ws.send("not json")
     await member_a.ws.send('{"task": "nope"}')
     refused = await websockets.connect(a + "/" + "x" * 120)  # no valid group: closed with 4500
@@ -237,7 +242,7 @@ def test_every_dashboard_query_and_alert_rule_works_on_real_scrapes(
 
         dashboard = json.loads(DASHBOARD.read_text())
         pods = {s["metric"]["pod"] for s in prometheus.query('relay_build_info{namespace="realtime"}')}
-        assert pods == {"relay-a", "relay-b"}  # what the pod variable's label_values query lists
+        assert pods == set(POD_NAMES)  # what the pod variable's label_values query lists
         # Rates need a scrape or two after the traffic: wait for them, then say which never came.
         with contextlib.suppress(TimeoutError):
             wait_until(lambda: not empty_panels(prometheus, dashboard), 20, "dashboard data", interval=0.5)
@@ -253,7 +258,7 @@ def test_every_dashboard_query_and_alert_rule_works_on_real_scrapes(
         )
         groups = prometheus.api("rules")["groups"]
         rules = [rule for group in groups for rule in group["rules"]]
-        assert len(rules) == 7
+        assert len(rules) == 8
         for rule in rules:
             assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
         active = {a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"]}  # pending or firing

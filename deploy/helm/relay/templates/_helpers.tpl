@@ -21,14 +21,46 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Labels on every object. */}}
+{{/* <fullname>-<suffix>, the full name cut so that the whole stays within 63 characters (a Service
+name is a DNS label) and the suffix survives: two objects never collapse into one name. */}}
+{{- define "relay.suffixed" -}}
+{{- $root := index . 0 }}
+{{- $suffix := index . 1 }}
+{{- printf "%s-%s" (include "relay.fullname" $root | trunc (int (sub 62 (len $suffix))) | trimSuffix "-") $suffix }}
+{{- end }}
+
+{{/* Labels on every object, as a YAML map: the chart's own, then commonLabels (which win). Emitted
+through toYaml so that a label the user repeats appears once (strict YAML loaders refuse duplicates). */}}
+{{- define "relay.labelMap" -}}
+{{- $labels := dict
+  "helm.sh/chart" (include "relay.chart" .)
+  "app.kubernetes.io/name" (include "relay.name" .)
+  "app.kubernetes.io/instance" .Release.Name
+  "app.kubernetes.io/version" .Chart.AppVersion
+  "app.kubernetes.io/managed-by" .Release.Service
+  "app.kubernetes.io/part-of" "relay" }}
+{{- toYaml (merge (deepCopy (.Values.commonLabels | default dict)) $labels) }}
+{{- end }}
+
+{{/* Object labels: relay.labelMap plus the given component. Call with (list $ "component"). */}}
+{{- define "relay.componentLabels" -}}
+{{- $root := index . 0 }}
+{{- $labels := include "relay.labelMap" $root | fromYaml }}
+{{- if gt (len .) 1 }}{{ $_ := set $labels "app.kubernetes.io/component" (index . 1) }}{{ end }}
+{{- toYaml $labels }}
+{{- end }}
+
 {{- define "relay.labels" -}}
-helm.sh/chart: {{ include "relay.chart" . }}
-app.kubernetes.io/name: {{ include "relay.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/part-of: relay
+{{- include "relay.labelMap" . }}
+{{- end }}
+
+{{/* Pod template labels: object labels, extra pod labels, then the selector (which must win). */}}
+{{- define "relay.podLabels" -}}
+{{- $root := index . 0 }}
+{{- $selector := index . 1 | fromYaml }}
+{{- $extra := index . 2 | default dict }}
+{{- $labels := include "relay.labelMap" $root | fromYaml }}
+{{- toYaml (merge $selector (deepCopy $extra) $labels) }}
 {{- end }}
 
 {{/* Selector of the relay pods (immutable in a Deployment: never add to it). */}}
@@ -39,7 +71,7 @@ app.kubernetes.io/component: relay
 {{- end }}
 
 {{- define "relay.redis.fullname" -}}
-{{- printf "%s-redis" (include "relay.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "relay.suffixed" (list . "redis") }}
 {{- end }}
 
 {{- define "relay.redis.selectorLabels" -}}
@@ -56,12 +88,65 @@ app.kubernetes.io/component: redis
 {{- end }}
 {{- end }}
 
-{{- define "relay.image" -}}
-{{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
-{{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{/* A repository with global.imageRegistry in place of its registry (the first path part when it
+names a host: it has a dot or a port, or is localhost), or in front of it when it has none. */}}
+{{- define "relay.repository" -}}
+{{- $repository := index . 1 }}
+{{- $registry := (index . 0).Values.global.imageRegistry }}
+{{- if $registry }}
+{{- $parts := splitList "/" $repository }}
+{{- $first := first $parts }}
+{{- if and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) }}
+{{- $repository = join "/" (rest $parts) }}
 {{- end }}
+{{- printf "%s/%s" (trimSuffix "/" $registry) $repository }}
+{{- else }}
+{{- $repository }}
+{{- end }}
+{{- end }}
+
+{{/* The relay image. There is no published one: an empty image.repository fails the install here,
+rather than leaving pods in ImagePullBackOff. */}}
+{{- define "relay.image" -}}
+{{- if not .Values.image.repository }}
+{{- fail "relay: image.repository is empty. There is no published relay image: build it from the repository's Dockerfile, push it to a registry your cluster can pull from, and set image.repository (and image.tag or image.digest); deploy/helm/relay/README.md, \"The image\", shows the commands" }}
+{{- end }}
+{{- $repository := include "relay.repository" (list . .Values.image.repository) }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "relay.redis.image" -}}
+{{- printf "%s:%s" (include "relay.repository" (list . .Values.redis.image.repository)) .Values.redis.image.tag }}
+{{- end }}
+
+{{/* The relay pods' console: relay.console when set, else on unless an Ingress or HTTPRoute exposes
+the WebSocket port beyond the cluster. */}}
+{{- define "relay.console" -}}
+{{- if kindIs "bool" .Values.relay.console }}
+{{- .Values.relay.console }}
+{{- else }}
+{{- not (or .Values.ingress.enabled .Values.httpRoute.enabled) }}
+{{- end }}
+{{- end }}
+
+{{/* The in-chart Redis password: redis.auth.password, else the one in the existing Secret (lookup,
+on `helm install/upgrade` against a cluster), else a new random one. Drawn once per render and kept
+in a dict shared by every template, so the Secret and both checksum annotations agree. */}}
+{{- define "relay.redisPassword" -}}
+{{- $memo := .Values.redis.auth }}
+{{- if not (hasKey $memo "_renderedPassword") }}
+{{- $password := .Values.redis.enabled | ternary .Values.redis.auth.password .Values.externalRedis.password }}
+{{- if not $password }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "relay.redis.fullname" .) }}
+{{- $password = $existing | dig "data" (include "relay.redisSecretKey" .) "" | b64dec | default (randAlphaNum 32) }}
+{{- end }}
+{{- $_ := set $memo "_renderedPassword" $password }}
+{{- end }}
+{{- get $memo "_renderedPassword" }}
 {{- end }}
 
 {{/* Fails the render unless exactly one Redis is configured, and an external one is complete. */}}
@@ -198,7 +283,7 @@ waits that long for the last sockets: stalled ones are cut between 1 and 1.25 cl
 {{/* The Secret holding RELAY_API_KEYS: the user's existingSecret, or the chart's <fullname>-api. */}}
 {{- define "relay.api.secretName" -}}
 {{- if .Values.relay.api.enabled }}
-{{- default (printf "%s-api" (include "relay.fullname" .)) .Values.relay.api.existingSecret }}
+{{- default (include "relay.suffixed" (list . "api")) .Values.relay.api.existingSecret }}
 {{- end }}
 {{- end }}
 
@@ -293,4 +378,34 @@ waits that long for the last sockets: stalled ones are cut between 1 and 1.25 cl
 {{- fail "relay: extraEnv sets RELAY_REDIS_PASSWORD, which the chart already sets from the Redis settings; remove it from extraEnv" }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* The Service backends publish through (ready pods only). */}}
+{{- define "relay.apiServiceName" -}}
+{{- include "relay.suffixed" (list . "publish") }}
+{{- end }}
+
+{{/* The TCP ports of the external Redis, as a JSON list: the port of every host:port in the broker URL
+(6379 when a host names none), 6379 for the master Sentinel names, and networkPolicy.externalRedisPorts. */}}
+{{- define "relay.externalRedisPorts" -}}
+{{- $url := include "relay.brokerUrl" . }}
+{{- $scheme := first (splitList "://" $url) }}
+{{- $rest := index (splitList "://" $url) 1 }}
+{{- $hosts := first (splitList "/" $rest) }}
+{{- $ports := list }}
+{{- range splitList "," $hosts }}
+{{- $hostPort := last (splitList "@" .) }}
+{{- if regexMatch ":[0-9]+$" $hostPort }}
+{{- $ports = append $ports (regexFind "[0-9]+$" $hostPort | int) }}
+{{- else }}
+{{- $ports = append $ports 6379 }}
+{{- end }}
+{{- end }}
+{{- if eq $scheme "redis+sentinel" }}
+{{- $ports = append $ports 6379 }}
+{{- end }}
+{{- range .Values.networkPolicy.externalRedisPorts }}
+{{- $ports = append $ports (int .) }}
+{{- end }}
+{{- $ports | uniq | toJson }}
 {{- end }}
