@@ -137,6 +137,7 @@ def test_dockerignore_admits_what_copy_needs_and_nothing_else() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(300)  # a pip install and compileall: minutes on a loaded 2-core machine
 def test_build_stage_install_steps_work_in_a_fresh_virtualenv(tmp_path: Path) -> None:
     """Replays the build stage on this machine: the context COPY names, the venv, `pip install`."""
     context = tmp_path / "src"
