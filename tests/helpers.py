@@ -225,6 +225,16 @@ def start_pod_process(
     raise RuntimeError("pod process did not start within 20 s")
 
 
+def idle_pod_metrics() -> str:
+    """The /metrics text of a pod that has just started and done nothing (then stopped cleanly)."""
+    pod = start_pod_process({"RELAY_DRAIN_DELAY": "0", "RELAY_DRAIN_WINDOW": "0.1"})
+    try:
+        return httpx.get(f"http://127.0.0.1:{pod.internal_port}/metrics", timeout=5).text
+    finally:
+        pod.terminate()
+        assert pod.wait() == 0
+
+
 def stalled_client(port: int, path: str = "/g") -> socket.socket:
     """A WebSocket client that completes the handshake and then never reads: a tiny receive
     buffer, set before connecting so the kernel cannot grow it, fills within a few frames."""

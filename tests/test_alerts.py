@@ -13,13 +13,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.charts import CHART, ROOT, exported_metric_names, of_kind, promql_metric_names, render, tool
-from tests.helpers import start_pod_process
+from tests.helpers import idle_pod_metrics
 
 pytestmark = pytest.mark.xdist_group("helm")
 ALERTS = (
@@ -122,12 +121,7 @@ def test_alerts_cover_the_failures_the_issue_names() -> None:
 
 @pytest.mark.integration
 def test_a_real_scrape_passes_promtool_and_matches_the_metrics_module() -> None:
-    pod = start_pod_process({"RELAY_DRAIN_DELAY": "0", "RELAY_DRAIN_WINDOW": "0.1"})
-    try:
-        text = httpx.get(f"http://127.0.0.1:{pod.internal_port}/metrics", timeout=5).text
-    finally:
-        pod.terminate()
-        assert pod.wait() == 0
+    text = idle_pod_metrics()
     result = subprocess.run(
         [tool("promtool"), "check", "metrics"],
         input=text,
@@ -151,12 +145,7 @@ def test_the_first_loss_on_a_clean_pod_fires(tmp_path: Path) -> None:
     """A pod that starts clean exports relay_broker_lost_total at 0 for every reason (scraped here, not
     assumed); the first message lost after that must fire RelayMessagesLost. A reason that was never
     exported before its first loss must fire too."""
-    pod = start_pod_process({"RELAY_DRAIN_DELAY": "0", "RELAY_DRAIN_WINDOW": "0.1"})
-    try:
-        text = httpx.get(f"http://127.0.0.1:{pod.internal_port}/metrics", timeout=5).text
-    finally:
-        pod.terminate()
-        assert pod.wait() == 0
+    text = idle_pod_metrics()
     lost = {
         sample.labels["reason"]: sample.value
         for family in text_string_to_metric_families(text)

@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 from typing import get_args
 
-import httpx
 import pytest
 from prometheus_client import Counter
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service import endpoint, metrics, protocol
 from service.broker.link import NOT_HERE
 from tests.charts import CHART, DASHBOARD, of_kind, render
-from tests.helpers import ROOT, start_pod_process
+from tests.helpers import ROOT, idle_pod_metrics
 
 SERVICE = Path(ROOT, "service")
 COUNTERS = {
@@ -123,12 +122,7 @@ def _queries() -> list[tuple[str, str]]:
 @pytest.mark.integration
 @pytest.mark.xdist_group("helm")
 def test_an_idle_pod_exports_every_series_the_dashboard_and_the_alerts_query() -> None:
-    pod = start_pod_process({"RELAY_DRAIN_DELAY": "0", "RELAY_DRAIN_WINDOW": "0.1"})
-    try:
-        text = httpx.get(f"http://127.0.0.1:{pod.internal_port}/metrics", timeout=5).text
-    finally:
-        pod.terminate()
-        assert pod.wait() == 0
+    text = idle_pod_metrics()
     series = [
         (sample.name, sample.labels)
         for family in text_string_to_metric_families(text)
