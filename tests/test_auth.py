@@ -257,3 +257,51 @@ def test_users_without_sockets_are_forgotten() -> None:
     q.release("gone")
     q.admit("other", 100)  # triggers the sweep
     assert q.users() == 1
+
+
+def signed(claims: dict[str, object]) -> str:
+    return jwt.encode(claims, tokens.SECRET, algorithm="HS256")
+
+
+def test_a_token_without_sub_groups_or_publish_is_no_user_and_allows_no_group() -> None:
+    identity = hs_auth().authenticate(signed({"exp": int(time.time()) + 60}))
+    assert identity.sub is None  # not a user named "None": no per-user limits apply
+    assert identity.groups == () and identity.publish == () and identity.direct is False
+    assert not identity.may_join("chat") and not identity.may_publish("chat")
+
+
+def test_without_required_claims_a_token_without_exp_never_expires() -> None:
+    identity = hs_auth(jwt_required_claims="").authenticate(signed({"sub": "bob", "groups": ["g"]}))
+    assert identity.expires_at is None and identity.sub == "bob" and identity.may_join("g")
+
+
+def test_only_direct_true_allows_direct_sends() -> None:
+    for value, allowed in [(True, True), (1, False), ("true", False), (False, False)]:
+        assert hs_auth().authenticate(tokens.hs256(direct=value)).direct is allowed
+
+
+def test_an_exp_up_to_the_year_9999_is_kept_and_past_it_refused() -> None:
+    last = 253402300799  # 9999-12-31T23:59:59Z
+    assert hs_auth().authenticate(tokens.hs256(exp=last)).expires_at == float(last)
+    for exp in (last + 1, 10**400):
+        with pytest.raises(AuthError) as refused:
+            hs_auth().authenticate(tokens.hs256(exp=exp))
+        assert refused.value.code == CloseCode.UNAUTHORIZED
+        assert refused.value.reason == "claim 'exp' is out of range"
+
+
+def test_the_refusal_reason_is_the_exception_message() -> None:
+    with pytest.raises(AuthError) as refused:
+        hs_auth().authenticate(None)
+    assert str(refused.value) == refused.value.reason == "token required"
+
+
+def test_an_algorithm_the_pod_does_not_accept_is_named_as_the_reason(tmp_path: Path) -> None:
+    """The reason tells the operator what to fix: the algorithm, not a missing key."""
+    jwks = tokens.write_jwks(tmp_path / "jwks.json", kid="k1", ec_kid="e1")
+    auth = Authenticator(Settings(jwt_jwks_file=str(jwks), jwt_algorithms="RS256"))
+    assert auth.authenticate(tokens.rs256(kid="k1")).sub == "alice"
+    for token in (tokens.es256(kid="e1"), tokens.es256(kid="unknown"), tokens.es256()):
+        with pytest.raises(AuthError) as refused:
+            auth.authenticate(token)
+        assert refused.value.reason == "invalid token: InvalidAlgorithmError"

@@ -139,3 +139,78 @@ async def test_close_is_sent_once() -> None:
     conn.close(CloseCode.NORMAL)
     conn.close(CloseCode.SERVICE_RESTART)
     assert sock.close_codes == [CloseCode.NORMAL]
+
+
+async def test_the_slow_consumer_close_tells_the_client_why() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock, outbox=1)
+    sock.writable.clear()
+    assert [conn.offer(f) for f in "abc"] == [True, True, False]
+    sock.writable.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    # Browsers show the reason in CloseEvent.reason: it says what happened, not just a number.
+    assert sock.sent == [{"type": "websocket.close", "code": 4008, "reason": "slow consumer"}]
+
+
+async def test_a_close_without_a_reason_sends_an_empty_one() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock)
+    conn.close(CloseCode.SERVICE_RESTART)
+    assert sock.sent == [{"type": "websocket.close", "code": 1012, "reason": ""}]
+
+
+async def test_frames_out_counts_frames_handed_to_the_socket_but_not_dropped_ones() -> None:
+    """frames_out is the socket.closed log line's count of what the client was sent."""
+    sock = FakeSocket()
+    conn = conn_for(sock, outbox=2)
+    assert conn.offer("a") and conn.offer("b")
+    assert conn.frames_out == 2
+    sock.writable.clear()
+    assert conn.offer("c") and conn.offer("d") and conn.offer("e")  # in flight, then a backlog of 2
+    assert conn.frames_out == 5
+    assert not conn.offer("f")  # over the outbox: dropped, and the socket is closed
+    assert not conn.offer("g")
+    assert conn.frames_out == 5
+
+
+async def test_closing_with_a_backlog_counts_the_frames_it_drops() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock, outbox=10)
+    closed = metric("relay_send_queue_dropped_total", reason="closed")
+    sock.writable.clear()
+    for frame in "abcd":
+        assert conn.offer(frame)  # "a" in flight, three behind it
+    conn.close(CloseCode.SERVICE_RESTART)
+    assert conn.backlog == 0
+    assert metric("relay_send_queue_dropped_total", reason="closed") == closed + 3
+    sock.writable.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sock.texts == [] and sock.close_codes == [CloseCode.SERVICE_RESTART]
+
+
+async def test_a_client_gone_during_a_pending_close_keeps_when_the_close_began() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock)
+    sock.writable.clear()
+    conn.close(CloseCode.NORMAL)
+    began = conn.closed_at
+    assert began is not None
+    await asyncio.sleep(0.01)
+    conn.gone()  # the disconnect arrives before the close frame could be written
+    assert conn.state is State.CLOSED and conn.closed_at == began
+    sock.writable.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sock.sent == []  # the pending close was abandoned, not written to a gone client
+
+
+async def test_a_client_gone_while_open_is_closed_now() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock)
+    assert conn.closed_at is None and conn.close_code is None
+    conn.gone()
+    assert conn.state is State.CLOSED and conn.closed_at is not None
+    conn.close(CloseCode.NORMAL)  # nothing to close any more
+    assert sock.sent == [] and conn.close_code is None
