@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from service import channels
+from service.broker import Envelope
 from service.broker.memory import MemoryBroker, MemoryBus
 from service.connection import Connection
 from service.hub import Hub, TooManyGroups
@@ -205,3 +206,124 @@ async def test_frames_sent_counts_only_what_reached_a_socket(
     await settle()
     assert metric("relay_messages_sent_total") == sent + 1
     assert metric("relay_send_queue_dropped_total", reason="closed") == dropped + 1
+
+
+def histogram(name: str) -> tuple[float, float]:
+    """(count, sum) of an in-process histogram."""
+    return metric(name + "_count"), metric(name + "_sum")
+
+
+async def test_v1_members_get_the_group_form_and_every_member_is_counted(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, _, _ = pods
+    seed, v1, v1b = Member(hub, "seed"), Member(hub, "v1"), Member(hub, "v1b")
+    v1.conn.v1 = v1b.conn.v1 = True
+    for member in (seed, v1, v1b):
+        await hub.join(member.conn, "g")
+    sent = metric("relay_messages_sent_total")
+    recipients = histogram("relay_fanout_recipients")
+    durations = histogram("relay_local_fanout_duration_seconds")
+    latencies = histogram("relay_group_fanout_latency_seconds")
+    await hub.publish("g", '{"message":{"x":1}}')
+    await settle()
+    assert seed.sock.texts == ['{"message":{"x":1}}']
+    assert v1.sock.texts == v1b.sock.texts == ['{"group":"g","message":{"x":1}}']
+    assert v1.sock.texts[0] is v1b.sock.texts[0]  # the v1 form is built once per message
+    assert metric("relay_messages_sent_total") == sent + 3
+    assert histogram("relay_fanout_recipients") == (recipients[0] + 1, recipients[1] + 3)
+    assert histogram("relay_local_fanout_duration_seconds")[0] == durations[0] + 1
+    count, total = histogram("relay_group_fanout_latency_seconds")
+    assert count == latencies[0] + 1 and 0 <= total - latencies[1] < 5  # seconds since the publish
+
+
+async def test_a_message_without_a_send_time_is_not_a_latency_sample(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, broker, _ = pods
+    a = Member(hub, "a")
+    await hub.join(a.conn, "g")
+    latencies = histogram("relay_group_fanout_latency_seconds")
+    await broker.publish(Envelope(channels.group("g"), "x", 0.0))
+    await settle()
+    assert a.sock.texts == ["x"]
+    assert histogram("relay_group_fanout_latency_seconds") == latencies
+
+
+async def test_the_pod_is_empty_only_while_it_holds_no_connection(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, _, _ = pods
+    assert hub.empty.is_set() and hub.connection_count() == 0
+    a, b = Member(hub, "a"), Member(hub, "b")
+    assert not hub.empty.is_set() and metric("relay_connections") == 2
+    assert {c.id for c in hub.connections} == {a.conn.id, b.conn.id}
+    hub.unregister(a.conn)
+    hub.unregister(a.conn)  # twice: no effect
+    assert not hub.empty.is_set() and hub.connection_count() == 1 and metric("relay_connections") == 1
+    await hub.disconnect(b.conn)
+    assert hub.empty.is_set() and metric("relay_connections") == 0
+
+
+async def test_a_direct_send_delivered_is_counted_as_sent(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub_a, hub_b, _, _ = pods
+    b = Member(hub_b, "b")
+    sent = metric("relay_messages_sent_total")
+    await hub_a.send_direct(b.conn.id, "hi")
+    await settle()
+    assert b.sock.texts == ["hi"] and metric("relay_messages_sent_total") == sent + 1
+    b.conn.gone()
+    await hub_a.send_direct(b.conn.id, "again")
+    await settle()
+    assert metric("relay_messages_sent_total") == sent + 1  # dropped: counted as dropped, not sent
+
+
+async def command(broker: MemoryBroker, conn: Connection, verb: str) -> None:
+    """A backend's group change for one connection, as the Django channel layer publishes it."""
+    pod_id = conn.id.partition(".")[0]
+    await broker.publish(Envelope(channels.pod(pod_id), "", 0.0, target=conn.id, command=verb))
+    await settle()
+
+
+async def test_a_backend_adds_a_connection_to_a_group_and_removes_it(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub_a, hub_b, broker_a, _ = pods
+    b = Member(hub_b, "b")
+    joined, left = (
+        metric("relay_control_commands_total", outcome="joined"),
+        metric("relay_control_commands_total", outcome="left"),
+    )
+    await command(broker_a, b.conn, "join news")
+    assert b.conn.groups == {channels.group("news")}
+    assert metric("relay_control_commands_total", outcome="joined") == joined + 1
+    await hub_a.publish("news", "n1")
+    await settle()
+    assert b.sock.texts == ["n1"]
+    await command(broker_a, b.conn, "leave news")
+    assert b.conn.groups == set() and hub_b.group_count() == 0
+    assert metric("relay_control_commands_total", outcome="left") == left + 1
+
+
+async def test_a_backend_group_change_the_pod_cannot_make_is_counted_as_refused(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    _, hub_b, broker_a, _ = pods
+    b = Member(hub_b, "b")
+    refused = metric("relay_control_commands_total", outcome="refused")
+    unknown = metric("relay_control_commands_total", outcome="unknown_channel")
+    await command(broker_a, b.conn, "join bad name")  # not a valid group name
+    await command(broker_a, b.conn, "join ")
+    assert b.conn.groups == set()
+    assert metric("relay_control_commands_total", outcome="refused") == refused + 2
+    for g in ("g1", "g2", "g3", "g4"):  # max_groups=3: the fourth is refused
+        await command(broker_a, b.conn, "join " + g)
+    assert len(b.conn.groups) == 3
+    assert metric("relay_control_commands_total", outcome="refused") == refused + 3
+    dropped = metric("relay_send_queue_dropped_total", reason="unknown_channel")
+    await broker_a.publish(Envelope(channels.pod("pod-b"), "", 0.0, target="pod-b.nobody", command="join g"))
+    await settle()
+    assert metric("relay_control_commands_total", outcome="unknown_channel") == unknown + 1
+    assert metric("relay_send_queue_dropped_total", reason="unknown_channel") == dropped + 1
