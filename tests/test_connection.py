@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from service.connection import Connection, State
 from service.protocol import CloseCode
@@ -66,6 +67,7 @@ async def test_a_close_the_socket_cannot_take_waits_and_records_when_it_began() 
     conn.close(CloseCode.SERVICE_RESTART)
     # The pod's reaper cuts the socket once closed_at is RELAY_CLOSE_TIMEOUT old (test_stalled.py).
     assert conn.state is State.CLOSING and conn.closed_at is not None
+    await asyncio.sleep(0.02)  # the close waits in its own task for as long as the socket is stalled
     assert sock.close_codes == []
     sock.writable.set()  # the peer reads again: the close frame goes out after all
     for _ in range(5):
@@ -214,3 +216,40 @@ async def test_a_client_gone_while_open_is_closed_now() -> None:
     assert conn.state is State.CLOSED and conn.closed_at is not None
     conn.close(CloseCode.NORMAL)  # nothing to close any more
     assert sock.sent == [] and conn.close_code is None
+
+
+async def test_the_disconnect_after_a_delayed_close_was_written_is_quiet() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock)
+    sock.writable.clear()
+    conn.close(CloseCode.NORMAL)
+    await asyncio.sleep(0.01)
+    sock.writable.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sock.close_codes == [CloseCode.NORMAL]
+    conn.gone()  # the client answers the close and goes: the usual end of every socket
+    assert conn.state is State.CLOSED
+
+
+async def test_a_client_gone_while_its_close_was_pending_leaves_no_task_error() -> None:
+    """A failed close frame means the client went first; that is normal and must not surface as an
+    unhandled task exception (asyncio logs those as errors, one per such client)."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        sock = FakeSocket()
+        conn = conn_for(sock)
+        sock.writable.clear()
+        conn.close(CloseCode.NORMAL)
+        await asyncio.sleep(0.01)
+        sock.broken = True  # the close frame's write fails: the peer is gone
+        sock.writable.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        del conn
+        gc.collect()  # an unretrieved task exception is reported when the task is collected
+        assert errors == []
+    finally:
+        loop.set_exception_handler(None)

@@ -6,14 +6,19 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from structlog.testing import capture_logs
 
 from service import channels
-from service.broker import Envelope
+from service.broker import BrokerUnavailable, Envelope, History, Retention
 from service.broker.memory import MemoryBroker, MemoryBus
 from service.connection import Connection
-from service.hub import Hub, TooManyGroups
+from service.hub import Hub, Joined, TooManyGroups
+from service.protocol import Since
+from service.rules import GroupRule, GroupRules
+from tests.brokers import eventually, redis_broker
 from tests.fakes import FakeSocket, GatedBroker
 from tests.helpers import metric
+from tests.redis_servers import RedisServer
 
 
 class Member:
@@ -327,3 +332,71 @@ async def test_a_backend_group_change_the_pod_cannot_make_is_counted_as_refused(
     await settle()
     assert metric("relay_control_commands_total", outcome="unknown_channel") == unknown + 1
     assert metric("relay_send_queue_dropped_total", reason="unknown_channel") == dropped + 1
+
+
+async def test_a_refused_backend_group_change_is_logged_with_who_what_and_why(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    _, hub_b, broker_a, _ = pods
+    b = Member(hub_b, "b")
+    for g in ("g1", "g2", "g3"):
+        await hub_b.join(b.conn, g)
+    with capture_logs() as logs:
+        await command(broker_a, b.conn, "join g4")
+    assert [e for e in logs if e["event"] == "hub.control_refused"] == [
+        {
+            "event": "hub.control_refused",
+            "log_level": "warning",
+            "conn_id": b.conn.id,
+            "verb": "join",
+            "error": "TooManyGroups",
+        }
+    ]
+
+
+async def test_a_join_since_while_history_is_unreachable_joins_and_says_why_nothing_was_recovered() -> None:
+    class NoHistory(MemoryBroker):
+        async def history(
+            self, channel: str, after: int | None, limit: int, start: Retention | None = None
+        ) -> History:
+            raise BrokerUnavailable("redis down")
+
+    broker = NoHistory(MemoryBus())
+    hub = Hub(broker, "pod-a", rules=GroupRules([GroupRule("chat", 100, 60.0, False)]))
+    await hub.start()
+    run = asyncio.create_task(hub.run())
+    try:
+        a = Member(hub, "a")
+        before = metric("relay_recoveries_total", result="unavailable")
+        joined = await hub.join(a.conn, "chat", Since("E1", 5))
+        assert joined == Joined(position=None, recovered=False, reason="unavailable")
+        assert metric("relay_recoveries_total", result="unavailable") == before + 1
+        assert a.conn.groups == {channels.group("chat")}  # a member all the same: live messages flow
+    finally:
+        await broker.close()
+        await run
+
+
+async def test_group_and_direct_sends_cross_pods_over_redis(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The memory bus passes envelopes as objects; Redis carries them as bytes (service/broker/wire.py):
+    everything the hub puts in an envelope must survive that."""
+    brokers = [redis_broker(redis_server.url, redis_prefix, pod) for pod in ("pod-a", "pod-b")]
+    hubs = [Hub(broker, pod) for broker, pod in zip(brokers, ("pod-a", "pod-b"), strict=True)]
+    runs = []
+    for hub in hubs:
+        await hub.start()
+        runs.append(asyncio.create_task(hub.run()))
+    try:
+        hub_a, hub_b = hubs
+        b = Member(hub_b, "b")
+        await hub_b.join(b.conn, "g")
+        assert (await hub_a.publish("g", "to the group")).pods == 1
+        assert await hub_a.send_direct(b.conn.id, "to b alone") == 1
+        await eventually(lambda: len(b.sock.texts) == 2)
+        assert b.sock.texts == ["to the group", "to b alone"]
+    finally:
+        for broker in brokers:
+            await broker.close()
+        await asyncio.gather(*runs)
