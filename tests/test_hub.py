@@ -107,7 +107,9 @@ async def test_joining_more_groups_than_allowed_is_refused(
     for g in ("g1", "g2", "g3"):
         await hub.join(a.conn, g)
     await hub.join(a.conn, "g1")  # already a member: not a new group
-    with pytest.raises(TooManyGroups):
+    with pytest.raises(
+        TooManyGroups, match=r"^a connection may join at most 3 groups$"
+    ):  # a v1 error's detail
         await hub.join(a.conn, "g4")
     assert len(a.conn.groups) == 3
 
@@ -400,3 +402,72 @@ async def test_group_and_direct_sends_cross_pods_over_redis(
         for broker in brokers:
             await broker.close()
         await asyncio.gather(*runs)
+
+
+async def test_joining_a_group_twice_still_answers_the_join(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, _, _ = pods
+    a = Member(hub, "a")
+    answers: list[Joined] = []
+    await hub.join(a.conn, "g", on_joined=answers.append)
+    assert await hub.join(a.conn, "g", on_joined=answers.append) == Joined()
+    assert answers == [Joined(), Joined()]  # the endpoint acks both requests
+
+
+async def test_leaving_a_group_one_is_not_in_changes_nothing(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, broker, _ = pods
+    a, b = Member(hub, "a"), Member(hub, "b")
+    await hub.join(a.conn, "g")
+    await hub.leave(b.conn, "g")  # b never joined g
+    await hub.leave(b.conn, "nobody-here")  # and no one is in this one
+    assert channels.group("g") in broker.channels and hub.group_count() == 1
+    await hub.publish("g", "x")
+    await settle()
+    assert a.sock.texts == ["x"] and b.sock.texts == []
+
+
+async def test_a_pod_starting_while_the_broker_is_down_starts_and_says_so() -> None:
+    class Down(MemoryBroker):
+        async def subscribe(self, *channels: str) -> None:
+            raise BrokerUnavailable("redis down")
+
+    broker = Down(MemoryBus())
+    with capture_logs() as logs:
+        await Hub(broker, "pod-a").start()
+    assert {
+        "event": "hub.pod_channel_pending",
+        "log_level": "warning",
+        "reason": "broker unavailable at start",
+    } in logs
+    await broker.close()
+
+
+class Broken(Connection):
+    """A connection whose offer fails: a bug in delivery, which must stay this member's problem."""
+
+    def offer(self, frame: str) -> bool:
+        raise RuntimeError("bug")
+
+
+async def test_a_failed_delivery_is_logged_and_the_next_message_still_arrives(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, _, _ = pods
+    broken = Broken("pod-a.broken", FakeSocket().send, outbox_size=8)
+    hub.register(broken)
+    await hub.join(broken, "g")
+    with capture_logs() as logs:
+        await hub.publish("g", "x")
+        await settle()
+    assert [(e["event"], e["channel_kind"], e["log_level"]) for e in logs] == [
+        ("hub.deliver_failed", "g", "error")
+    ]
+    await hub.leave(broken, "g")
+    a = Member(hub, "a")
+    await hub.join(a.conn, "g")
+    await hub.publish("g", "y")
+    await settle()
+    assert a.sock.texts == ["y"]  # the hub's delivery loop is still running
