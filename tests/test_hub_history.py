@@ -63,8 +63,10 @@ async def test_a_member_joining_from_a_position_gets_what_it_missed_then_live(
         await hub.publish("chat", frames[2])
         await hub.publish("chat", frames[3])
         a = Member(hub, "a", v1=True)
+        recovered = metric("relay_recoveries_total", result="recovered")
         joined = await hub.join(a.conn, "chat", Since(first.position.epoch, 1))
         assert joined.recovered is True and joined.reason is None
+        assert metric("relay_recoveries_total", result="recovered") == recovered + 1
         assert joined.position is not None and joined.position.offset == 3
         await hub.publish("chat", frames[4])
         epoch = first.position.epoch
@@ -122,3 +124,42 @@ async def test_a_message_published_while_history_is_read_follows_it_once() -> No
         await eventually(lambda: len(a.sock.texts) >= 2)
         await asyncio.sleep(0.05)  # a duplicate would arrive right behind
         assert a.sock.texts == ["m2", "m3"]
+
+
+async def test_a_member_that_missed_nothing_is_recovered_with_nothing_to_send(
+    open_broker: Callable[[], Broker],
+) -> None:
+    async with running(open_broker()) as hub:
+        top = (await hub.publish("chat", '{"message":1}')).position
+        assert top is not None
+        a = Member(hub, "a")
+        joined = await hub.join(a.conn, "chat", Since(top.epoch, top.offset))
+        assert joined == Joined(top, True, None)
+        assert a.sock.texts == []
+
+
+@pytest.mark.parametrize(
+    ("since", "reason"),
+    [(Since("Egone", 1), "epoch_changed"), (Since("current", 99), "epoch_changed")],
+)
+async def test_a_member_from_another_epoch_or_the_future_is_told_nothing_can_be_recovered(
+    since: Since, reason: str
+) -> None:
+    async with running(MemoryBroker(MemoryBus())) as hub:
+        top = (await hub.publish("chat", '{"message":1}')).position
+        assert top is not None
+        if since.epoch == "current":
+            since = Since(top.epoch, since.offset)
+        a = Member(hub, "a")
+        failed = metric("relay_recoveries_total", result=reason)
+        joined = await hub.join(a.conn, "chat", since)
+        assert joined == Joined(top, False, reason)
+        assert a.sock.texts == []  # nothing of the old history: the client starts over
+        assert metric("relay_recoveries_total", result=reason) == failed + 1
+
+
+async def test_a_join_from_a_position_in_a_group_with_no_history_yet_has_no_position() -> None:
+    async with running(MemoryBroker(MemoryBus())) as hub:
+        a = Member(hub, "a")
+        joined = await hub.join(a.conn, "chat", Since("E1", 4))
+        assert joined == Joined(None, False, "epoch_changed")  # the ack carries no epoch or offset
