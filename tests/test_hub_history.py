@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from service.broker import Broker
+from service.broker import Broker, History, Position, Retention
 from service.broker.memory import MemoryBroker, MemoryBus
 from service.connection import Connection
 from service.hub import Hub, Joined
@@ -163,3 +163,128 @@ async def test_a_join_from_a_position_in_a_group_with_no_history_yet_has_no_posi
         a = Member(hub, "a")
         joined = await hub.join(a.conn, "chat", Since("E1", 4))
         assert joined == Joined(None, False, "epoch_changed")  # the ack carries no epoch or offset
+
+
+class SlowReply(GatedBroker):
+    """History read at once but its reply held back until `answer()`, as a Redis reply in flight:
+    messages published meanwhile are not in it."""
+
+    def __init__(self, bus: MemoryBus) -> None:
+        super().__init__(bus)
+        self.replying = asyncio.Event()
+        self._answer = asyncio.Event()
+        self.slow = False
+
+    def answer(self) -> None:
+        self._answer.set()
+
+    async def history(
+        self, channel: str, after: int | None, limit: int, start: Retention | None = None
+    ) -> History:
+        found = await super().history(channel, after, limit, start)
+        if self.slow:
+            self.replying.set()
+            await self._answer.wait()
+        return found
+
+
+@pytest.mark.parametrize("v1", [False, True])
+async def test_messages_around_the_history_read_reach_a_recovering_member_once_and_in_order(v1: bool) -> None:
+    broker = SlowReply(MemoryBus())
+    async with running(broker) as hub:
+        frames = [f'{{"message":"m{n}"}}' for n in range(6)]
+        first = await hub.publish("chat", frames[1])
+        assert first.position is not None
+        epoch = first.position.epoch
+        await hub.publish("chat", frames[2])
+        other = Member(hub, "other")
+        await hub.join(other.conn, "chat")  # the pod is subscribed: live messages keep arriving
+        a = Member(hub, "a", v1=v1)
+        broker.hold("history")
+        broker.slow = True
+        joining = asyncio.create_task(hub.join(a.conn, "chat", Since(epoch, 1)))
+        await broker.arrived("history")
+        await hub.publish("chat", frames[3])  # before the read: in history, and held for a as well
+        await eventually(lambda: len(other.sock.texts) == 1)
+        broker.release("history")
+        await asyncio.wait_for(broker.replying.wait(), 5)
+        await hub.publish("chat", frames[4])  # after the read: only held
+        await eventually(lambda: len(other.sock.texts) == 2)
+        broker.answer()
+        await joining
+        await hub.publish("chat", frames[5])  # live again
+        await eventually(lambda: len(a.sock.texts) >= 4)
+        await asyncio.sleep(0.05)  # a duplicate would arrive right behind
+        if v1:
+            want = [
+                f'{{"group":"chat","epoch":"{epoch}","offset":{n},"message":"m{n}"}}' for n in (2, 3, 4, 5)
+            ]
+        else:
+            want = frames[2:]
+        assert a.sock.texts == want
+
+
+async def test_a_message_a_member_saw_elsewhere_is_not_sent_again_when_it_arrives_late() -> None:
+    """The client saw offset 3 on another pod and reconnects here before this pod delivered 3."""
+    broker = GatedBroker(MemoryBus())
+    async with running(broker) as hub:
+        first = await hub.publish("chat", '{"message":1}')
+        assert first.position is not None
+        await hub.publish("chat", '{"message":2}')
+        await hub.join(Member(hub, "other").conn, "chat")
+        a = Member(hub, "a")
+        broker.hold("history")
+        joining = asyncio.create_task(hub.join(a.conn, "chat", Since(first.position.epoch, 3)))
+        await broker.arrived("history")
+        await hub.publish("chat", '{"message":3}')
+        broker.release("history")
+        assert await joining == Joined(Position(first.position.epoch, 3), True, None)
+        await asyncio.sleep(0.05)
+        assert a.sock.texts == []
+
+
+@pytest.mark.parametrize("since", [None, Since("current", 99)], ids=["plain", "unrecoverable"])
+async def test_a_message_published_during_a_join_that_recovers_nothing_is_delivered(
+    since: Since | None,
+) -> None:
+    broker = GatedBroker(MemoryBus())
+    async with running(broker) as hub:
+        if since is not None:
+            first = (await hub.publish("chat", '{"message":1}')).position
+            assert first is not None
+            since = Since(first.epoch, since.offset)
+        await hub.join(Member(hub, "other").conn, "chat")
+        a = Member(hub, "a")
+        broker.hold("history")
+        joining = asyncio.create_task(hub.join(a.conn, "chat", since))
+        await broker.arrived("history")
+        await hub.publish("chat", '{"message":"live"}')
+        broker.release("history")
+        await joining
+        await eventually(lambda: a.sock.texts == ['{"message":"live"}'])
+
+
+async def test_two_members_recovering_at_once_each_get_history_before_live() -> None:
+    broker = SlowReply(MemoryBus())
+    async with running(broker) as hub:
+        first = await hub.publish("chat", '{"message":1}')
+        assert first.position is not None
+        await hub.join(Member(hub, "other").conn, "chat")
+        a, b = Member(hub, "a"), Member(hub, "b")
+        broker.slow = True
+        joining_a = asyncio.create_task(hub.join(a.conn, "chat", Since(first.position.epoch, 0)))
+        await asyncio.wait_for(broker.replying.wait(), 5)  # a's reply is in flight
+        broker.slow = False
+        broker.hold("history")
+        joining_b = asyncio.create_task(hub.join(b.conn, "chat", Since(first.position.epoch, 0)))
+        await broker.arrived("history")  # b is reading too
+        broker.answer()
+        await joining_a
+        await hub.publish("chat", '{"message":2}')
+        await eventually(lambda: len(a.sock.texts) == 2)
+        assert b.sock.texts == []  # held for b until its history is out
+        broker.release("history")
+        await joining_b
+        await eventually(lambda: len(b.sock.texts) == 2)
+        await asyncio.sleep(0.05)
+        assert a.sock.texts == b.sock.texts == ['{"message":1}', '{"message":2}']
