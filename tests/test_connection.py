@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from typing import Any
 
 from service.connection import Connection, State
 from service.protocol import CloseCode
@@ -253,3 +254,51 @@ async def test_a_client_gone_while_its_close_was_pending_leaves_no_task_error() 
         assert errors == []
     finally:
         loop.set_exception_handler(None)
+
+
+class MeteredSocket:
+    """An ASGI send that writes one frame per credit, as a peer reading slowly lets a few through."""
+
+    def __init__(self) -> None:
+        self.credits: asyncio.Queue[None] = asyncio.Queue()
+        self.texts: list[str] = []
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.credits.get()
+        if message["type"] == "websocket.send":
+            self.texts.append(message["text"])
+
+    async def let_through(self, count: int) -> None:
+        before = len(self.texts)
+        for _ in range(count):
+            self.credits.put_nowait(None)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(self.texts) == before + count
+
+
+async def test_each_frame_written_stops_counting_against_the_byte_bound_as_it_goes() -> None:
+    sock = MeteredSocket()
+    conn = Connection("p.c", sock.send, outbox_size=1000, outbox_bytes=12)
+    assert conn.offer("aaaa") and conn.offer("bbbb") and conn.offer("cccc")  # 12: at the bound
+    await sock.let_through(1)  # the stalled frame is written: 8 held
+    assert conn.offer("dddd")  # 12 again
+    await sock.let_through(1)  # one backlogged frame is written: 8 held
+    assert conn.offer("eeee")  # 12
+    assert not conn.offer("ffff")  # 16 > 12: slow
+    assert conn.close_code == CloseCode.SLOW_CONSUMER
+    assert sock.texts == ["aaaa", "bbbb"]
+
+
+async def test_a_send_that_yields_to_the_loop_once_is_finished_on_the_next_turn() -> None:
+    written: list[str] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        await asyncio.sleep(0)  # a bare yield, as a send that lets others run before writing
+        written.append(message["text"])
+
+    conn = Connection("p.c", send, outbox_size=10)
+    assert conn.offer("a") and conn.offer("b")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert written == ["a", "b"] and conn.backlog == 0
