@@ -288,3 +288,43 @@ async def test_two_members_recovering_at_once_each_get_history_before_live() -> 
         await eventually(lambda: len(b.sock.texts) == 2)
         await asyncio.sleep(0.05)
         assert a.sock.texts == b.sock.texts == ['{"message":1}', '{"message":2}']
+
+
+async def test_a_member_gone_while_its_history_is_read_is_not_joined() -> None:
+    broker = GatedBroker(MemoryBus())
+    async with running(broker) as hub:
+        first = await hub.publish("chat", '{"message":1}')
+        assert first.position is not None
+        a = Member(hub, "a")
+        broker.hold("history")
+        joining = asyncio.create_task(hub.join(a.conn, "chat", Since(first.position.epoch, 0)))
+        await broker.arrived("history")
+        await hub.disconnect(a.conn)  # the socket went meanwhile
+        broker.release("history")
+        assert await joining == Joined()
+        assert a.conn.groups == set() and hub.group_count() == 0
+        assert a.sock.texts == []
+
+
+async def test_members_recovering_together_when_one_goes_midway() -> None:
+    broker = SlowReply(MemoryBus())
+    async with running(broker) as hub:
+        first = await hub.publish("chat", '{"message":1}')
+        assert first.position is not None
+        since = Since(first.position.epoch, 0)
+        a, b = Member(hub, "a"), Member(hub, "b")
+        broker.slow = True
+        joining_b = asyncio.create_task(hub.join(b.conn, "chat", since))
+        await asyncio.wait_for(broker.replying.wait(), 5)  # b's reply is in flight
+        broker.slow = False
+        broker.hold("history")
+        joining_a = asyncio.create_task(hub.join(a.conn, "chat", since))
+        await broker.arrived("history")  # a is reading too
+        await hub.disconnect(b.conn)  # b goes before its reply came
+        broker.release("history")
+        assert (await joining_a).recovered is True  # a finishes first, the last one waiting
+        broker.answer()
+        assert await joining_b == Joined()
+        await hub.publish("chat", '{"message":2}')
+        await eventually(lambda: len(a.sock.texts) == 2)
+        assert a.sock.texts == ['{"message":1}', '{"message":2}'] and b.sock.texts == []
