@@ -302,3 +302,12 @@ async def test_a_send_that_yields_to_the_loop_once_is_finished_on_the_next_turn(
     for _ in range(5):
         await asyncio.sleep(0)
     assert written == ["a", "b"] and conn.backlog == 0
+
+
+async def test_a_close_that_cannot_be_written_at_all_leaves_the_connection_closed() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock)
+    sock.broken = True  # the peer is already gone: the close frame's write fails at once
+    conn.close(CloseCode.NORMAL)
+    assert conn.state is State.CLOSED and conn.close_code == CloseCode.NORMAL
+    assert not conn.offer("a")
