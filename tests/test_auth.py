@@ -305,3 +305,11 @@ def test_an_algorithm_the_pod_does_not_accept_is_named_as_the_reason(tmp_path: P
         with pytest.raises(AuthError) as refused:
             auth.authenticate(token)
         assert refused.value.reason == "invalid token: InvalidAlgorithmError"
+
+
+def test_token_from_takes_the_whole_value_and_allows_a_scope_without_a_query_string() -> None:
+    assert token_from({"query_string": b"token=abc==&x=1", "headers": []}) == "abc=="  # unescaped padding
+    assert token_from({"query_string": b"token=&token=second", "headers": []}) == "second"  # first non-empty
+    # The ASGI spec makes query_string optional: a server may leave it out.
+    assert token_from({"headers": [(b"authorization", b"Bearer xyz")]}) == "xyz"
+    assert token_from({}) is None
