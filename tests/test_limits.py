@@ -146,3 +146,19 @@ def test_a_publish_refused_by_the_user_budget_spends_nothing_of_the_pods() -> No
     assert q.allow("u", True, 0) is False  # the user's budget is spent
     assert q.allow("v", False, 0) is True  # the pod's second token is still there
     assert q.allow("v", False, 0) is False
+
+
+def test_closing_its_socket_does_not_reset_a_users_connect_rate() -> None:
+    """Pods run on a monotonic clock far from zero: the user's bucket must outlive its socket until
+    a sweep, or opening and closing would dodge the per-user connect rate."""
+    q = Quotas(
+        connect_rate=0,
+        frame_rate=0,
+        user_max_connections=0,
+        user_connect_rate=0.5,  # a burst of 1
+        user_publish_rate=0,
+        now=5000.0,
+    )
+    assert q.admit("u", 5000.0) is None
+    q.release("u")
+    assert q.admit("u", 5001.0) == "user_connect_rate"
