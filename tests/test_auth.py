@@ -313,3 +313,28 @@ def test_token_from_takes_the_whole_value_and_allows_a_scope_without_a_query_str
     # The ASGI spec makes query_string optional: a server may leave it out.
     assert token_from({"headers": [(b"authorization", b"Bearer xyz")]}) == "xyz"
     assert token_from({}) is None
+
+
+def test_refusal_reasons_and_the_claims_required_by_default() -> None:
+    """The reason is the close frame's reason: clients and operators read it."""
+    cases = [
+        (
+            signed({"sub": "a", "groups": ["g"]}),
+            CloseCode.UNAUTHORIZED,
+            "invalid token: MissingRequiredClaimError",
+        ),
+        ("x" * 16385, CloseCode.UNAUTHORIZED, "invalid token: malformed"),
+        ("x" * 16384, CloseCode.UNAUTHORIZED, "invalid token: DecodeError"),  # at the cap: parsed
+        ("caf\u00e9.x.y", CloseCode.UNAUTHORIZED, "invalid token: malformed"),
+        (tokens.hs256(exp=int(time.time()) - 60), CloseCode.TOKEN_EXPIRED, "token expired"),
+    ]
+    for token, code, reason in cases:
+        with pytest.raises(AuthError) as refused:
+            hs_auth().authenticate(token)
+        assert (refused.value.code, refused.value.reason) == (code, reason)
+
+
+def test_leeway_and_an_audience_the_pod_does_not_check() -> None:
+    just_expired = tokens.hs256(exp=int(time.time()) - 2)
+    assert hs_auth(jwt_leeway=30).authenticate(just_expired).sub == "alice"  # clock skew allowed
+    assert hs_auth().authenticate(tokens.hs256(aud="someone")).sub == "alice"  # no audience configured
