@@ -257,3 +257,84 @@ def test_users_without_sockets_are_forgotten() -> None:
     q.release("gone")
     q.admit("other", 100)  # triggers the sweep
     assert q.users() == 1
+
+
+def signed(claims: dict[str, object]) -> str:
+    return jwt.encode(claims, tokens.SECRET, algorithm="HS256")
+
+
+def test_a_token_without_sub_groups_or_publish_is_no_user_and_allows_no_group() -> None:
+    identity = hs_auth().authenticate(signed({"exp": int(time.time()) + 60}))
+    assert identity.sub is None  # not a user named "None": no per-user limits apply
+    assert identity.groups == () and identity.publish == () and identity.direct is False
+    assert not identity.may_join("chat") and not identity.may_publish("chat")
+
+
+def test_without_required_claims_a_token_without_exp_never_expires() -> None:
+    identity = hs_auth(jwt_required_claims="").authenticate(signed({"sub": "bob", "groups": ["g"]}))
+    assert identity.expires_at is None and identity.sub == "bob" and identity.may_join("g")
+
+
+def test_only_direct_true_allows_direct_sends() -> None:
+    for value, allowed in [(True, True), (1, False), ("true", False), (False, False)]:
+        assert hs_auth().authenticate(tokens.hs256(direct=value)).direct is allowed
+
+
+def test_an_exp_up_to_the_year_9999_is_kept_and_past_it_refused() -> None:
+    last = 253402300799  # 9999-12-31T23:59:59Z
+    assert hs_auth().authenticate(tokens.hs256(exp=last)).expires_at == float(last)
+    for exp in (last + 1, 10**400):
+        with pytest.raises(AuthError) as refused:
+            hs_auth().authenticate(tokens.hs256(exp=exp))
+        assert refused.value.code == CloseCode.UNAUTHORIZED
+        assert refused.value.reason == "claim 'exp' is out of range"
+
+
+def test_the_refusal_reason_is_the_exception_message() -> None:
+    with pytest.raises(AuthError) as refused:
+        hs_auth().authenticate(None)
+    assert str(refused.value) == refused.value.reason == "token required"
+
+
+def test_an_algorithm_the_pod_does_not_accept_is_named_as_the_reason(tmp_path: Path) -> None:
+    """The reason tells the operator what to fix: the algorithm, not a missing key."""
+    jwks = tokens.write_jwks(tmp_path / "jwks.json", kid="k1", ec_kid="e1")
+    auth = Authenticator(Settings(jwt_jwks_file=str(jwks), jwt_algorithms="RS256"))
+    assert auth.authenticate(tokens.rs256(kid="k1")).sub == "alice"
+    for token in (tokens.es256(kid="e1"), tokens.es256(kid="unknown"), tokens.es256()):
+        with pytest.raises(AuthError) as refused:
+            auth.authenticate(token)
+        assert refused.value.reason == "invalid token: InvalidAlgorithmError"
+
+
+def test_token_from_takes_the_whole_value_and_allows_a_scope_without_a_query_string() -> None:
+    assert token_from({"query_string": b"token=abc==&x=1", "headers": []}) == "abc=="  # unescaped padding
+    assert token_from({"query_string": b"token=&token=second", "headers": []}) == "second"  # first non-empty
+    # The ASGI spec makes query_string optional: a server may leave it out.
+    assert token_from({"headers": [(b"authorization", b"Bearer xyz")]}) == "xyz"
+    assert token_from({}) is None
+
+
+def test_refusal_reasons_and_the_claims_required_by_default() -> None:
+    """The reason is the close frame's reason: clients and operators read it."""
+    cases = [
+        (
+            signed({"sub": "a", "groups": ["g"]}),
+            CloseCode.UNAUTHORIZED,
+            "invalid token: MissingRequiredClaimError",
+        ),
+        ("x" * 16385, CloseCode.UNAUTHORIZED, "invalid token: malformed"),
+        ("x" * 16384, CloseCode.UNAUTHORIZED, "invalid token: DecodeError"),  # at the cap: parsed
+        ("caf\u00e9.x.y", CloseCode.UNAUTHORIZED, "invalid token: malformed"),
+        (tokens.hs256(exp=int(time.time()) - 60), CloseCode.TOKEN_EXPIRED, "token expired"),
+    ]
+    for token, code, reason in cases:
+        with pytest.raises(AuthError) as refused:
+            hs_auth().authenticate(token)
+        assert (refused.value.code, refused.value.reason) == (code, reason)
+
+
+def test_leeway_and_an_audience_the_pod_does_not_check() -> None:
+    just_expired = tokens.hs256(exp=int(time.time()) - 2)
+    assert hs_auth(jwt_leeway=30).authenticate(just_expired).sub == "alice"  # clock skew allowed
+    assert hs_auth().authenticate(tokens.hs256(aud="someone")).sub == "alice"  # no audience configured

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+from typing import Any
 
 from service.connection import Connection, State
 from service.protocol import CloseCode
@@ -66,6 +68,7 @@ async def test_a_close_the_socket_cannot_take_waits_and_records_when_it_began() 
     conn.close(CloseCode.SERVICE_RESTART)
     # The pod's reaper cuts the socket once closed_at is RELAY_CLOSE_TIMEOUT old (test_stalled.py).
     assert conn.state is State.CLOSING and conn.closed_at is not None
+    await asyncio.sleep(0.02)  # the close waits in its own task for as long as the socket is stalled
     assert sock.close_codes == []
     sock.writable.set()  # the peer reads again: the close frame goes out after all
     for _ in range(5):
@@ -139,3 +142,172 @@ async def test_close_is_sent_once() -> None:
     conn.close(CloseCode.NORMAL)
     conn.close(CloseCode.SERVICE_RESTART)
     assert sock.close_codes == [CloseCode.NORMAL]
+
+
+async def test_the_slow_consumer_close_tells_the_client_why() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock, outbox=1)
+    sock.writable.clear()
+    assert [conn.offer(f) for f in "abc"] == [True, True, False]
+    sock.writable.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    # Browsers show the reason in CloseEvent.reason: it says what happened, not just a number.
+    assert sock.sent == [{"type": "websocket.close", "code": 4008, "reason": "slow consumer"}]
+
+
+async def test_a_close_without_a_reason_sends_an_empty_one() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock)
+    conn.close(CloseCode.SERVICE_RESTART)
+    assert sock.sent == [{"type": "websocket.close", "code": 1012, "reason": ""}]
+
+
+async def test_frames_out_counts_frames_handed_to_the_socket_but_not_dropped_ones() -> None:
+    """frames_out is the socket.closed log line's count of what the client was sent."""
+    sock = FakeSocket()
+    conn = conn_for(sock, outbox=2)
+    assert conn.offer("a") and conn.offer("b")
+    assert conn.frames_out == 2
+    sock.writable.clear()
+    assert conn.offer("c") and conn.offer("d") and conn.offer("e")  # in flight, then a backlog of 2
+    assert conn.frames_out == 5
+    assert not conn.offer("f")  # over the outbox: dropped, and the socket is closed
+    assert not conn.offer("g")
+    assert conn.frames_out == 5
+
+
+async def test_closing_with_a_backlog_counts_the_frames_it_drops() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock, outbox=10)
+    closed = metric("relay_send_queue_dropped_total", reason="closed")
+    sock.writable.clear()
+    for frame in "abcd":
+        assert conn.offer(frame)  # "a" in flight, three behind it
+    conn.close(CloseCode.SERVICE_RESTART)
+    assert conn.backlog == 0
+    assert metric("relay_send_queue_dropped_total", reason="closed") == closed + 3
+    sock.writable.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sock.texts == [] and sock.close_codes == [CloseCode.SERVICE_RESTART]
+
+
+async def test_a_client_gone_during_a_pending_close_keeps_when_the_close_began() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock)
+    sock.writable.clear()
+    conn.close(CloseCode.NORMAL)
+    began = conn.closed_at
+    assert began is not None
+    await asyncio.sleep(0.01)
+    conn.gone()  # the disconnect arrives before the close frame could be written
+    assert conn.state is State.CLOSED and conn.closed_at == began
+    sock.writable.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sock.sent == []  # the pending close was abandoned, not written to a gone client
+
+
+async def test_a_client_gone_while_open_is_closed_now() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock)
+    assert conn.closed_at is None and conn.close_code is None
+    conn.gone()
+    assert conn.state is State.CLOSED and conn.closed_at is not None
+    conn.close(CloseCode.NORMAL)  # nothing to close any more
+    assert sock.sent == [] and conn.close_code is None
+
+
+async def test_the_disconnect_after_a_delayed_close_was_written_is_quiet() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock)
+    sock.writable.clear()
+    conn.close(CloseCode.NORMAL)
+    await asyncio.sleep(0.01)
+    sock.writable.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sock.close_codes == [CloseCode.NORMAL]
+    conn.gone()  # the client answers the close and goes: the usual end of every socket
+    assert conn.state is State.CLOSED
+
+
+async def test_a_client_gone_while_its_close_was_pending_leaves_no_task_error() -> None:
+    """A failed close frame means the client went first; that is normal and must not surface as an
+    unhandled task exception (asyncio logs those as errors, one per such client)."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        sock = FakeSocket()
+        conn = conn_for(sock)
+        sock.writable.clear()
+        conn.close(CloseCode.NORMAL)
+        await asyncio.sleep(0.01)
+        sock.broken = True  # the close frame's write fails: the peer is gone
+        sock.writable.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        del conn
+        gc.collect()  # an unretrieved task exception is reported when the task is collected
+        assert errors == []
+    finally:
+        loop.set_exception_handler(None)
+
+
+class MeteredSocket:
+    """An ASGI send that writes one frame per credit, as a peer reading slowly lets a few through."""
+
+    def __init__(self) -> None:
+        self.credits: asyncio.Queue[None] = asyncio.Queue()
+        self.texts: list[str] = []
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.credits.get()
+        if message["type"] == "websocket.send":
+            self.texts.append(message["text"])
+
+    async def let_through(self, count: int) -> None:
+        before = len(self.texts)
+        for _ in range(count):
+            self.credits.put_nowait(None)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(self.texts) == before + count
+
+
+async def test_each_frame_written_stops_counting_against_the_byte_bound_as_it_goes() -> None:
+    sock = MeteredSocket()
+    conn = Connection("p.c", sock.send, outbox_size=1000, outbox_bytes=12)
+    assert conn.offer("aaaa") and conn.offer("bbbb") and conn.offer("cccc")  # 12: at the bound
+    await sock.let_through(1)  # the stalled frame is written: 8 held
+    assert conn.offer("dddd")  # 12 again
+    await sock.let_through(1)  # one backlogged frame is written: 8 held
+    assert conn.offer("eeee")  # 12
+    assert not conn.offer("ffff")  # 16 > 12: slow
+    assert conn.close_code == CloseCode.SLOW_CONSUMER
+    assert sock.texts == ["aaaa", "bbbb"]
+
+
+async def test_a_send_that_yields_to_the_loop_once_is_finished_on_the_next_turn() -> None:
+    written: list[str] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        await asyncio.sleep(0)  # a bare yield, as a send that lets others run before writing
+        written.append(message["text"])
+
+    conn = Connection("p.c", send, outbox_size=10)
+    assert conn.offer("a") and conn.offer("b")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert written == ["a", "b"] and conn.backlog == 0
+
+
+async def test_a_close_that_cannot_be_written_at_all_leaves_the_connection_closed() -> None:
+    sock = FakeSocket()
+    conn = conn_for(sock)
+    sock.broken = True  # the peer is already gone: the close frame's write fails at once
+    conn.close(CloseCode.NORMAL)
+    assert conn.state is State.CLOSED and conn.close_code == CloseCode.NORMAL
+    assert not conn.offer("a")

@@ -6,13 +6,19 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from structlog.testing import capture_logs
 
 from service import channels
+from service.broker import BrokerUnavailable, Envelope, History, Retention
 from service.broker.memory import MemoryBroker, MemoryBus
 from service.connection import Connection
-from service.hub import Hub, TooManyGroups
+from service.hub import Hub, Joined, TooManyGroups
+from service.protocol import Since
+from service.rules import GroupRule, GroupRules
+from tests.brokers import eventually, redis_broker
 from tests.fakes import FakeSocket, GatedBroker
 from tests.helpers import metric
+from tests.redis_servers import RedisServer
 
 
 class Member:
@@ -101,7 +107,9 @@ async def test_joining_more_groups_than_allowed_is_refused(
     for g in ("g1", "g2", "g3"):
         await hub.join(a.conn, g)
     await hub.join(a.conn, "g1")  # already a member: not a new group
-    with pytest.raises(TooManyGroups):
+    with pytest.raises(
+        TooManyGroups, match=r"^a connection may join at most 3 groups$"
+    ):  # a v1 error's detail
         await hub.join(a.conn, "g4")
     assert len(a.conn.groups) == 3
 
@@ -205,3 +213,261 @@ async def test_frames_sent_counts_only_what_reached_a_socket(
     await settle()
     assert metric("relay_messages_sent_total") == sent + 1
     assert metric("relay_send_queue_dropped_total", reason="closed") == dropped + 1
+
+
+def histogram(name: str) -> tuple[float, float]:
+    """(count, sum) of an in-process histogram."""
+    return metric(name + "_count"), metric(name + "_sum")
+
+
+async def test_v1_members_get_the_group_form_and_every_member_is_counted(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, _, _ = pods
+    seed, v1, v1b = Member(hub, "seed"), Member(hub, "v1"), Member(hub, "v1b")
+    v1.conn.v1 = v1b.conn.v1 = True
+    for member in (seed, v1, v1b):
+        await hub.join(member.conn, "g")
+    sent = metric("relay_messages_sent_total")
+    recipients = histogram("relay_fanout_recipients")
+    durations = histogram("relay_local_fanout_duration_seconds")
+    latencies = histogram("relay_group_fanout_latency_seconds")
+    await hub.publish("g", '{"message":{"x":1}}')
+    await settle()
+    assert seed.sock.texts == ['{"message":{"x":1}}']
+    assert v1.sock.texts == v1b.sock.texts == ['{"group":"g","message":{"x":1}}']
+    assert v1.sock.texts[0] is v1b.sock.texts[0]  # the v1 form is built once per message
+    assert metric("relay_messages_sent_total") == sent + 3
+    assert histogram("relay_fanout_recipients") == (recipients[0] + 1, recipients[1] + 3)
+    assert histogram("relay_local_fanout_duration_seconds")[0] == durations[0] + 1
+    count, total = histogram("relay_group_fanout_latency_seconds")
+    assert count == latencies[0] + 1 and 0 <= total - latencies[1] < 5  # seconds since the publish
+
+
+async def test_a_message_without_a_send_time_is_not_a_latency_sample(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, broker, _ = pods
+    a = Member(hub, "a")
+    await hub.join(a.conn, "g")
+    latencies = histogram("relay_group_fanout_latency_seconds")
+    await broker.publish(Envelope(channels.group("g"), "x", 0.0))
+    await settle()
+    assert a.sock.texts == ["x"]
+    assert histogram("relay_group_fanout_latency_seconds") == latencies
+
+
+async def test_the_pod_is_empty_only_while_it_holds_no_connection(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, _, _ = pods
+    assert hub.empty.is_set() and hub.connection_count() == 0
+    a, b = Member(hub, "a"), Member(hub, "b")
+    assert not hub.empty.is_set() and metric("relay_connections") == 2
+    assert {c.id for c in hub.connections} == {a.conn.id, b.conn.id}
+    hub.unregister(a.conn)
+    hub.unregister(a.conn)  # twice: no effect
+    assert not hub.empty.is_set() and hub.connection_count() == 1 and metric("relay_connections") == 1
+    await hub.disconnect(b.conn)
+    assert hub.empty.is_set() and metric("relay_connections") == 0
+
+
+async def test_a_direct_send_delivered_is_counted_as_sent(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub_a, hub_b, _, _ = pods
+    b = Member(hub_b, "b")
+    sent = metric("relay_messages_sent_total")
+    await hub_a.send_direct(b.conn.id, "hi")
+    await settle()
+    assert b.sock.texts == ["hi"] and metric("relay_messages_sent_total") == sent + 1
+    b.conn.gone()
+    await hub_a.send_direct(b.conn.id, "again")
+    await settle()
+    assert metric("relay_messages_sent_total") == sent + 1  # dropped: counted as dropped, not sent
+
+
+async def command(broker: MemoryBroker, conn: Connection, verb: str) -> None:
+    """A backend's group change for one connection, as the Django channel layer publishes it."""
+    pod_id = conn.id.partition(".")[0]
+    await broker.publish(Envelope(channels.pod(pod_id), "", 0.0, target=conn.id, command=verb))
+    await settle()
+
+
+async def test_a_backend_adds_a_connection_to_a_group_and_removes_it(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub_a, hub_b, broker_a, _ = pods
+    b = Member(hub_b, "b")
+    joined, left = (
+        metric("relay_control_commands_total", outcome="joined"),
+        metric("relay_control_commands_total", outcome="left"),
+    )
+    await command(broker_a, b.conn, "join news")
+    assert b.conn.groups == {channels.group("news")}
+    assert metric("relay_control_commands_total", outcome="joined") == joined + 1
+    await hub_a.publish("news", "n1")
+    await settle()
+    assert b.sock.texts == ["n1"]
+    await command(broker_a, b.conn, "leave news")
+    assert b.conn.groups == set() and hub_b.group_count() == 0
+    assert metric("relay_control_commands_total", outcome="left") == left + 1
+
+
+async def test_a_backend_group_change_the_pod_cannot_make_is_counted_as_refused(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    _, hub_b, broker_a, _ = pods
+    b = Member(hub_b, "b")
+    refused = metric("relay_control_commands_total", outcome="refused")
+    unknown = metric("relay_control_commands_total", outcome="unknown_channel")
+    await command(broker_a, b.conn, "join bad name")  # not a valid group name
+    await command(broker_a, b.conn, "join ")
+    assert b.conn.groups == set()
+    assert metric("relay_control_commands_total", outcome="refused") == refused + 2
+    for g in ("g1", "g2", "g3", "g4"):  # max_groups=3: the fourth is refused
+        await command(broker_a, b.conn, "join " + g)
+    assert len(b.conn.groups) == 3
+    assert metric("relay_control_commands_total", outcome="refused") == refused + 3
+    dropped = metric("relay_send_queue_dropped_total", reason="unknown_channel")
+    await broker_a.publish(Envelope(channels.pod("pod-b"), "", 0.0, target="pod-b.nobody", command="join g"))
+    await settle()
+    assert metric("relay_control_commands_total", outcome="unknown_channel") == unknown + 1
+    assert metric("relay_send_queue_dropped_total", reason="unknown_channel") == dropped + 1
+
+
+async def test_a_refused_backend_group_change_is_logged_with_who_what_and_why(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    _, hub_b, broker_a, _ = pods
+    b = Member(hub_b, "b")
+    for g in ("g1", "g2", "g3"):
+        await hub_b.join(b.conn, g)
+    with capture_logs() as logs:
+        await command(broker_a, b.conn, "join g4")
+    assert [e for e in logs if e["event"] == "hub.control_refused"] == [
+        {
+            "event": "hub.control_refused",
+            "log_level": "warning",
+            "conn_id": b.conn.id,
+            "verb": "join",
+            "error": "TooManyGroups",
+        }
+    ]
+
+
+async def test_a_join_since_while_history_is_unreachable_joins_and_says_why_nothing_was_recovered() -> None:
+    class NoHistory(MemoryBroker):
+        async def history(
+            self, channel: str, after: int | None, limit: int, start: Retention | None = None
+        ) -> History:
+            raise BrokerUnavailable("redis down")
+
+    broker = NoHistory(MemoryBus())
+    hub = Hub(broker, "pod-a", rules=GroupRules([GroupRule("chat", 100, 60.0, False)]))
+    await hub.start()
+    run = asyncio.create_task(hub.run())
+    try:
+        a = Member(hub, "a")
+        before = metric("relay_recoveries_total", result="unavailable")
+        joined = await hub.join(a.conn, "chat", Since("E1", 5))
+        assert joined == Joined(position=None, recovered=False, reason="unavailable")
+        assert metric("relay_recoveries_total", result="unavailable") == before + 1
+        assert a.conn.groups == {channels.group("chat")}  # a member all the same: live messages flow
+    finally:
+        await broker.close()
+        await run
+
+
+async def test_group_and_direct_sends_cross_pods_over_redis(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The memory bus passes envelopes as objects; Redis carries them as bytes (service/broker/wire.py):
+    everything the hub puts in an envelope must survive that."""
+    brokers = [redis_broker(redis_server.url, redis_prefix, pod) for pod in ("pod-a", "pod-b")]
+    hubs = [Hub(broker, pod) for broker, pod in zip(brokers, ("pod-a", "pod-b"), strict=True)]
+    runs = []
+    for hub in hubs:
+        await hub.start()
+        runs.append(asyncio.create_task(hub.run()))
+    try:
+        hub_a, hub_b = hubs
+        b = Member(hub_b, "b")
+        await hub_b.join(b.conn, "g")
+        assert (await hub_a.publish("g", "to the group")).pods == 1
+        assert await hub_a.send_direct(b.conn.id, "to b alone") == 1
+        await eventually(lambda: len(b.sock.texts) == 2)
+        assert b.sock.texts == ["to the group", "to b alone"]
+    finally:
+        for broker in brokers:
+            await broker.close()
+        await asyncio.gather(*runs)
+
+
+async def test_joining_a_group_twice_still_answers_the_join(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, _, _ = pods
+    a = Member(hub, "a")
+    answers: list[Joined] = []
+    await hub.join(a.conn, "g", on_joined=answers.append)
+    assert await hub.join(a.conn, "g", on_joined=answers.append) == Joined()
+    assert answers == [Joined(), Joined()]  # the endpoint acks both requests
+
+
+async def test_leaving_a_group_one_is_not_in_changes_nothing(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, broker, _ = pods
+    a, b = Member(hub, "a"), Member(hub, "b")
+    await hub.join(a.conn, "g")
+    await hub.leave(b.conn, "g")  # b never joined g
+    await hub.leave(b.conn, "nobody-here")  # and no one is in this one
+    assert channels.group("g") in broker.channels and hub.group_count() == 1
+    await hub.publish("g", "x")
+    await settle()
+    assert a.sock.texts == ["x"] and b.sock.texts == []
+
+
+async def test_a_pod_starting_while_the_broker_is_down_starts_and_says_so() -> None:
+    class Down(MemoryBroker):
+        async def subscribe(self, *channels: str) -> None:
+            raise BrokerUnavailable("redis down")
+
+    broker = Down(MemoryBus())
+    with capture_logs() as logs:
+        await Hub(broker, "pod-a").start()
+    assert {
+        "event": "hub.pod_channel_pending",
+        "log_level": "warning",
+        "reason": "broker unavailable at start",
+    } in logs
+    await broker.close()
+
+
+class Broken(Connection):
+    """A connection whose offer fails: a bug in delivery, which must stay this member's problem."""
+
+    def offer(self, frame: str) -> bool:
+        raise RuntimeError("bug")
+
+
+async def test_a_failed_delivery_is_logged_and_the_next_message_still_arrives(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, _, _ = pods
+    broken = Broken("pod-a.broken", FakeSocket().send, outbox_size=8)
+    hub.register(broken)
+    await hub.join(broken, "g")
+    with capture_logs() as logs:
+        await hub.publish("g", "x")
+        await settle()
+    assert [(e["event"], e["channel_kind"], e["log_level"]) for e in logs] == [
+        ("hub.deliver_failed", "g", "error")
+    ]
+    await hub.leave(broken, "g")
+    a = Member(hub, "a")
+    await hub.join(a.conn, "g")
+    await hub.publish("g", "y")
+    await settle()
+    assert a.sock.texts == ["y"]  # the hub's delivery loop is still running
