@@ -394,6 +394,28 @@ async def test_discovery_asks_the_next_seed_when_one_is_down(redis_cluster: Redi
 
 
 @pytest.mark.integration
+async def test_a_seed_that_never_answers_is_given_up_on_and_named(redis_cluster: RedisCluster) -> None:
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung.append(writer)
+
+    hung: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    seed = Address("127.0.0.1", server.sockets[0].getsockname()[1])
+    try:
+        with pytest.raises(ConnectionLost) as lost:
+            await asyncio.wait_for(ClusterTopology((seed,)).discover(ConnectOptions(timeout=0.3)), 3.0)
+        assert str(lost.value) == f"no cluster node gave a usable slot map: {seed}: TimeoutError"
+        live = Address("127.0.0.1", redis_cluster.primaries()[0].port)
+        topology = ClusterTopology((seed, live))
+        assert live in await asyncio.wait_for(topology.discover(ConnectOptions(timeout=0.3)), 3.0)
+    finally:
+        for writer in hung:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.integration
 async def test_a_node_that_is_not_in_cluster_mode_is_no_slot_map(redis_server: RedisServer) -> None:
     topology = ClusterTopology((Address("127.0.0.1", 1), Address("127.0.0.1", redis_server.port)))
     with pytest.raises(ConnectionLost) as lost:
