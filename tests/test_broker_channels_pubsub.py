@@ -5,6 +5,7 @@ real Redis and a real Django app)."""
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import json
 import time
@@ -31,10 +32,12 @@ def channels_redis_consistent_hash(value: str, ring_size: int) -> int:
 
 @pytest.mark.parametrize("hosts", [1, 2, 3, 5])
 def test_a_group_lives_on_the_host_channels_redis_picks(hosts: int) -> None:
-    names = [group_channel("asgi", f"room-{n}") for n in range(200)]
+    # 30,000 names cover every one of the 4,096 hash values, so every boundary between hosts.
+    names = [group_channel("asgi", f"room-{n}") for n in range(30_000)]
+    assert len({binascii.crc32(name.encode()) & 0xFFF for name in names}) == 4096
     picked = [shard(name, hosts) for name in names]
     assert picked == [channels_redis_consistent_hash(name, hosts) for name in names]
-    assert set(picked) == set(range(hosts))  # every host gets some of 200 groups
+    assert set(picked) == set(range(hosts))
 
 
 def test_the_group_channel_is_the_layers_name() -> None:
@@ -103,11 +106,24 @@ async def test_deliveries_of_both_are_merged_and_the_apps_are_counted() -> None:
     await bridge.pods_bus.publish(Envelope("g:{chat}", "from relay", 1.0))
     app = bridge.app_buses[bridge.listener_of("chat")]
     await app.publish(Envelope("g:{chat}", "from the app", 2.0))
-    got = await collector.wait_for(2)
-    assert sorted(e.frame for e in got) == ["from relay", "from the app"]
-    assert metric("relay_channels_pubsub_messages_total") == counted + 1
+    await app.publish(Envelope("g:{chat}", "from the app again", 3.0))
+    got = await collector.wait_for(3, 1.0)
+    assert sorted(e.frame for e in got) == ["from relay", "from the app", "from the app again"]
+    assert metric("relay_channels_pubsub_messages_total") == counted + 2  # the app's only
     await collector.stop()  # the pods' own link closing ends messages()
     assert not bridge.primary.channels and not any(listener.channels for listener in bridge.listeners)
+
+
+async def test_a_listener_that_stops_does_not_end_the_stream_the_pods_link_does() -> None:
+    bridge = Bridge()
+    collector = Collector(bridge.broker)
+    await bridge.broker.subscribe("g:{chat}")
+    await bridge.listeners[0].close()
+    await bridge.pods_bus.publish(Envelope("g:{chat}", "still here", 1.0))
+    assert [e.frame for e in await collector.wait_for(1, 1.0)] == ["still here"]
+    await bridge.primary.close()
+    await asyncio.wait_for(collector._task, 1.0)  # messages() ended with the pods' link
+    await bridge.broker.close()
 
 
 async def test_publishes_and_history_go_to_relays_redis_only() -> None:
@@ -115,8 +131,10 @@ async def test_publishes_and_history_go_to_relays_redis_only() -> None:
     keep = Retention(10, 60)
     appended = await bridge.broker.append(Envelope("g:{h}", "m1", 1.0), keep, "k")
     assert appended.position.offset == 1
-    got = await bridge.broker.history("g:{h}", 0, 10)
-    assert got.entries == [(1, "m1")]
+    assert (await bridge.broker.append(Envelope("g:{h}", "m1", 1.0), keep, "k")).duplicate
+    await bridge.broker.append(Envelope("g:{h}", "m2", 1.0), keep, "")
+    assert (await bridge.broker.history("g:{h}", 0, 1)).entries == [(1, "m1")]
+    assert (await bridge.broker.history("g:{h}", None, 1)).entries == [(2, "m2")]
     started = await bridge.broker.history("g:{new}", None, 10, start=keep)
     assert started.epoch and started.top == 0
     assert await bridge.broker.publish(Envelope("g:{h}", "x", 1.0)) == 0
