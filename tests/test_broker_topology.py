@@ -344,6 +344,12 @@ def test_a_replica_with_a_malformed_entry_is_ignored_not_fatal() -> None:
     assert topology._seeds == [A, Address("h", 1)]
 
 
+def test_a_host_that_is_not_utf8_is_read_not_fatal() -> None:
+    assert ClusterTopology((A,))._load([[0, 16383, node(b"\xffnode", 7005)]], A) == [
+        Address("\ufffdnode", 7005)
+    ]
+
+
 @pytest.mark.parametrize("host", [None, b"", b"?"])
 def test_a_node_with_no_usable_endpoint_is_the_seed_host_on_its_port(host: bytes | None) -> None:
     topology = ClusterTopology((A,))
@@ -411,6 +417,29 @@ async def test_a_seed_that_never_answers_is_given_up_on_and_named(redis_cluster:
     finally:
         for writer in hung:
             writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_node_without_a_whole_slot_map_is_skipped_and_named() -> None:
+    """Mid-failover a node can answer CLUSTER SLOTS with slots that have no primary: ask the next."""
+
+    async def empty_map(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        writer.write(b"*0\r\n")
+        await writer.drain()
+        await reader.read()  # until relay hangs up
+        writer.close()
+
+    server = await asyncio.start_server(empty_map, "127.0.0.1", 0)
+    seed = Address("127.0.0.1", server.sockets[0].getsockname()[1])
+    try:
+        with pytest.raises(ConnectionLost) as lost:
+            await ClusterTopology((seed,)).discover(ConnectOptions(timeout=1.0))
+        assert str(lost.value) == (
+            f"no cluster node gave a usable slot map: {seed}: slot 0 has no primary (failover under way?)"
+        )
+    finally:
         server.close()
         await server.wait_closed()
 
