@@ -280,7 +280,7 @@ async def test_bytes_that_are_not_resp_drop_the_connection_as_a_protocol_error()
     conn.data_received(b"!not resp\r\n")
     assert transport.aborted
     assert conn.closed
-    with pytest.raises(ConnectionLost, match="^protocol error: "):
+    with pytest.raises(ConnectionLost, match=r"^protocol error: "):
         pending.result()
     assert conn.lost_reason == "protocol_error"
     conn.connection_lost(None)  # what the transport does after abort()
@@ -292,7 +292,7 @@ async def test_losing_the_connection_fails_what_is_in_flight_and_reports_why() -
     conn, recorder, _ = connected()
     pending = conn.send(b"PING")
     conn.connection_lost(ConnectionResetError("reset by peer"))
-    with pytest.raises(ConnectionLost, match="^reset by peer$"):
+    with pytest.raises(ConnectionLost, match=r"^reset by peer$"):
         pending.result()
     assert recorder.lost == ["connection_lost"]
     await asyncio.wait_for(conn.wait_closed(), 1)
