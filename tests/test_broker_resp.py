@@ -12,7 +12,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from service.broker.resp import Address, ConnectionLost, ConnectOptions, Push, ReplyError, RespConnection
+from service.broker.topology import tls_context
+from service.config import Settings
 from tests.redis_servers import RedisServer
+from tests.test_redis_tls import Pki, tls_redis  # noqa: F401 (the fixture)
 
 OPTIONS = ConnectOptions(timeout=2.0)
 
@@ -133,6 +136,31 @@ async def test_a_refused_connection_raises_oserror() -> None:
     await server.wait_closed()
     with pytest.raises(OSError):
         await RespConnection.open(Address("127.0.0.1", port), OPTIONS)
+
+
+@pytest.mark.integration
+async def test_it_connects_to_the_host_it_is_given(redis_server: RedisServer) -> None:
+    # redis_server listens on 127.0.0.1 only: another loopback address on its port is refused.
+    with pytest.raises(OSError):
+        await RespConnection.open(Address("127.0.0.2", redis_server.port), OPTIONS)
+
+
+@pytest.mark.integration
+async def test_tls_is_spoken_and_the_server_is_verified_by_name(request: pytest.FixtureRequest) -> None:
+    served: tuple[RedisServer, int, Pki] = request.getfixturevalue("tls_redis")  # tests/test_redis_tls.py
+    _, port, pki = served
+    settings = Settings(
+        redis_tls_ca_file=str(pki.ca),
+        redis_tls_cert_file=str(pki.client_cert),
+        redis_tls_key_file=str(pki.client_key),
+    )
+    options = ConnectOptions(tls=tls_context(settings), timeout=2.0)
+    conn = await RespConnection.open(Address("localhost", port), options)
+    try:
+        assert await conn.call(b"PING", timeout=2) == b"PONG"
+    finally:
+        conn.close()
+        await conn.wait_closed()
 
 
 # --- what is logged and shown -------------------------------------------------------------------
