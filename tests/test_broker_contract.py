@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from service.broker import Appended, Envelope, Retention
+from service.broker import Appended, Envelope, Position, Retention
+from service.broker.history import DEDUPE_WINDOW
 from service.broker.memory import MemoryBroker, MemoryBus
 from tests.brokers import Collector, redis_broker
 from tests.redis_servers import RedisCluster, RedisServer, SentinelSet
@@ -214,3 +215,38 @@ async def _until_expired(pods: Pods, channel: str) -> None:
     while (await pods.b.broker.history(channel, 0, 1)).epoch:
         assert time.monotonic() < deadline, "the history never expired"
         await asyncio.sleep(0.05)
+
+
+async def test_a_group_read_with_start_gets_an_epoch_at_offset_0_that_its_first_message_keeps(
+    pods: Pods,
+) -> None:
+    """A member joining a quiet group gets a position to recover from before any message."""
+    started = await pods.b.broker.history("g:{fresh}", None, 10, start=KEEP_3)
+    assert started.epoch and started.epoch.isalnum()
+    assert (started.top, started.entries) == (0, [])
+    again = await pods.b.broker.history("g:{fresh}", None, 10, start=KEEP_3)
+    assert again.epoch == started.epoch  # only a group without history gets a new one
+    first = await append(pods, "g:{fresh}", "m1")
+    assert first.position == Position(started.epoch, 1)
+    assert (await pods.b.broker.history("g:{fresh}", 0, 10)).entries == [(1, "m1")]
+
+
+async def test_an_epoch_begun_by_a_read_expires_as_start_says(pods: Pods) -> None:
+    started = await pods.b.broker.history("g:{blink}", None, 10, start=Retention(size=3, ttl=0.2))
+    assert started.epoch
+    await _until_expired(pods, "g:{blink}")
+    later = await append(pods, "g:{blink}", "m1")
+    assert later.position.offset == 1 and later.position.epoch != started.epoch
+
+
+async def test_idempotency_keys_are_remembered_for_the_last_1000_messages(pods: Pods) -> None:
+    """A retry within the last max(1000, size) messages is recognised; an older key is forgotten
+    (docs/history.md, the `<prefix>:i:{G}` set), so that retry is stored as a new message."""
+    for n in range(DEDUPE_WINDOW + 1):
+        await append(pods, "g:{window}", f"m{n}", f"key-{n}")
+    kept = await append(pods, "g:{window}", "m1", "key-1")
+    assert kept.duplicate and kept.position.offset == 2
+    newest = await append(pods, "g:{window}", "again", f"key-{DEDUPE_WINDOW}")
+    assert newest.duplicate and newest.position.offset == DEDUPE_WINDOW + 1
+    forgotten = await append(pods, "g:{window}", "m0", "key-0")
+    assert not forgotten.duplicate and forgotten.position.offset == DEDUPE_WINDOW + 2

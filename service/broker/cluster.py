@@ -41,7 +41,7 @@ class ClusterTopology:
                 conn = await RespConnection.open(seed, options)
                 reply = await conn.call(b"CLUSTER", b"SLOTS", timeout=options.timeout)
             except (OSError, TimeoutError, ConnectionLost, ReplyError) as exc:
-                errors.append(f"{seed}: {exc or type(exc).__name__}")
+                errors.append(f"{seed}: {str(exc) or type(exc).__name__}")
                 continue
             finally:
                 if conn is not None:

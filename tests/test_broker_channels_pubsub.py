@@ -1,0 +1,172 @@
+"""The Channels pub/sub bridge (service/broker/channels_pubsub.py) as pure logic: which of the app's
+hosts carries a group, how its events become frames, and how BridgedBroker splits and merges traffic
+(with memory brokers standing in for the Redis links; tests/test_channels_pubsub.py runs it against
+real Redis and a real Django app)."""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import json
+import time
+
+import msgpack
+import pytest
+
+from service.broker import BrokerUnavailable, Envelope, Retention
+from service.broker.channels_pubsub import BridgedBroker, decode, group_channel, naming, shard
+from service.broker.memory import MemoryBroker, MemoryBus
+from service.broker.wire import BadPayload
+from tests.brokers import Collector
+from tests.helpers import metric
+
+
+def channels_redis_consistent_hash(value: str, ring_size: int) -> int:
+    """channels_redis 4.x, channels_redis/utils.py `_consistent_hash`, copied as the oracle."""
+    if ring_size == 1:
+        return 0
+    bigval = binascii.crc32(value.encode("utf8")) & 0xFFF
+    ring_divisor = 4096 / float(ring_size)
+    return int(bigval / ring_divisor)
+
+
+@pytest.mark.parametrize("hosts", [1, 2, 3, 5])
+def test_a_group_lives_on_the_host_channels_redis_picks(hosts: int) -> None:
+    # 30,000 names cover every one of the 4,096 hash values, so every boundary between hosts.
+    names = [group_channel("asgi", f"room-{n}") for n in range(30_000)]
+    assert len({binascii.crc32(name.encode()) & 0xFFF for name in names}) == 4096
+    picked = [shard(name, hosts) for name in names]
+    assert picked == [channels_redis_consistent_hash(name, hosts) for name in names]
+    assert set(picked) == set(range(hosts))
+
+
+def test_the_group_channel_is_the_layers_name() -> None:
+    assert group_channel("asgi", "chat") == "asgi__group__chat"
+    assert naming("myapp")("g:{chat}") == b"myapp__group__chat"
+
+
+def test_an_event_becomes_the_frame_the_consumer_would_send() -> None:
+    before = time.time()
+    event = {"type": "chat.message", "message": {"text": "hé", "n": [1, 2]}}
+    got = decode("g:{chat}", msgpack.packb(event))
+    assert got.channel == "g:{chat}" and got.target == "" and not got.command
+    assert got.frame == json.dumps({"message": event["message"]})
+    assert got.frame == '{"message": {"text": "h\\u00e9", "n": [1, 2]}}'
+    assert before <= got.sent_at <= time.time()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xc1",  # not msgpack
+        b"",
+        msgpack.packb({"type": "chat.message"}),  # no message
+        msgpack.packb([1, 2]),
+        msgpack.packb({"message": b"\xff"}),  # bytes: no JSON for it
+    ],
+)
+def test_an_event_without_a_message_is_refused(payload: bytes) -> None:
+    with pytest.raises(BadPayload):
+        decode("g:{chat}", payload)
+
+
+class Bridge:
+    def __init__(self, hosts: int = 2) -> None:
+        self.pods_bus = MemoryBus()
+        self.app_buses = [MemoryBus() for _ in range(hosts)]
+        self.primary = MemoryBroker(self.pods_bus)
+        self.listeners = [MemoryBroker(bus) for bus in self.app_buses]
+        self.broker = BridgedBroker(self.primary, self.listeners, "asgi")
+
+    def listener_of(self, group: str) -> int:
+        return shard(group_channel("asgi", group), len(self.listeners))
+
+
+async def test_groups_are_subscribed_on_relays_redis_and_on_the_apps_host_pod_channels_only_on_relays() -> (
+    None
+):
+    bridge = Bridge()
+    groups = [f"room-{n}" for n in range(10)]
+    await bridge.broker.subscribe("p:pod-a", *(f"g:{{{g}}}" for g in groups))
+    assert bridge.primary.channels == {"p:pod-a", *(f"g:{{{g}}}" for g in groups)}
+    for n, listener in enumerate(bridge.listeners):
+        assert listener.channels == {f"g:{{{g}}}" for g in groups if bridge.listener_of(g) == n}
+    assert all(listener.channels for listener in bridge.listeners)
+    await bridge.broker.unsubscribe("p:pod-a", *(f"g:{{{g}}}" for g in groups[:5]))
+    assert bridge.primary.channels == {f"g:{{{g}}}" for g in groups[5:]}
+    assert set().union(*(listener.channels for listener in bridge.listeners)) == bridge.primary.channels
+    await bridge.broker.close()
+
+
+async def test_deliveries_of_both_are_merged_and_the_apps_are_counted() -> None:
+    bridge = Bridge()
+    collector = Collector(bridge.broker)
+    await bridge.broker.subscribe("g:{chat}")
+    counted = metric("relay_channels_pubsub_messages_total")
+    await bridge.pods_bus.publish(Envelope("g:{chat}", "from relay", 1.0))
+    app = bridge.app_buses[bridge.listener_of("chat")]
+    await app.publish(Envelope("g:{chat}", "from the app", 2.0))
+    await app.publish(Envelope("g:{chat}", "from the app again", 3.0))
+    got = await collector.wait_for(3, 1.0)
+    assert sorted(e.frame for e in got) == ["from relay", "from the app", "from the app again"]
+    assert metric("relay_channels_pubsub_messages_total") == counted + 2  # the app's only
+    await collector.stop()  # the pods' own link closing ends messages()
+    assert not bridge.primary.channels and not any(listener.channels for listener in bridge.listeners)
+
+
+async def test_a_listener_that_stops_does_not_end_the_stream_the_pods_link_does() -> None:
+    bridge = Bridge()
+    collector = Collector(bridge.broker)
+    await bridge.broker.subscribe("g:{chat}")
+    for n in range(3):  # the listener's end has long reached the pumps by the last one
+        if n == 1:
+            await bridge.listeners[0].close()
+        await bridge.pods_bus.publish(Envelope("g:{chat}", f"still here {n}", 1.0))
+        await collector.wait_for(n + 1, 1.0)
+    assert [e.frame for e in collector.envelopes] == ["still here 0", "still here 1", "still here 2"]
+    await bridge.primary.close()
+    await asyncio.wait_for(collector._task, 1.0)  # messages() ended with the pods' link
+    await bridge.broker.close()
+
+
+async def test_publishes_and_history_go_to_relays_redis_only() -> None:
+    bridge = Bridge()
+    keep = Retention(10, 60)
+    appended = await bridge.broker.append(Envelope("g:{h}", "m1", 1.0), keep, "k")
+    assert appended.position.offset == 1
+    assert (await bridge.broker.append(Envelope("g:{h}", "m1", 1.0), keep, "k")).duplicate
+    await bridge.broker.append(Envelope("g:{h}", "m2", 1.0), keep, "")
+    assert (await bridge.broker.history("g:{h}", 0, 1)).entries == [(1, "m1")]
+    assert (await bridge.broker.history("g:{h}", None, 1)).entries == [(2, "m2")]
+    started = await bridge.broker.history("g:{new}", None, 10, start=keep)
+    assert started.epoch and started.top == 0
+    assert await bridge.broker.publish(Envelope("g:{h}", "x", 1.0)) == 0
+    assert set(bridge.pods_bus.streams) == {"g:{h}", "g:{new}"}
+    assert not any(bus.streams for bus in bridge.app_buses)
+    await bridge.broker.close()
+
+
+class Down(MemoryBroker):
+    async def subscribe(self, *channels: str) -> None:
+        raise BrokerUnavailable("the app's Redis is down")
+
+    @property
+    def alive(self) -> bool:
+        return False
+
+
+async def test_the_apps_redis_down_refuses_no_join_and_readiness_follows_relays_link() -> None:
+    bridge = Bridge(1)
+    bridge.broker = BridgedBroker(bridge.primary, [Down(MemoryBus())], "asgi")
+    await bridge.broker.subscribe("g:{chat}")
+    assert bridge.primary.channels == {"g:{chat}"}
+    assert bridge.broker.ready
+    assert not bridge.broker.alive  # a listener that can never deliver again: restart the pod
+    await bridge.broker.close()
+    assert not bridge.broker.ready
+
+
+async def test_alive_while_every_link_is() -> None:
+    bridge = Bridge()
+    assert bridge.broker.alive and bridge.broker.ready
+    await bridge.broker.close()
