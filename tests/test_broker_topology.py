@@ -30,6 +30,8 @@ from service.broker.topology import (
     tls_context,
 )
 from service.config import Settings
+from service.rules import GroupRule, GroupRules
+from tests.brokers import eventually
 from tests.helpers import free_port
 from tests.redis_servers import RedisCluster, RedisServer, SentinelSet
 from tests.test_redis_tls import make_pki
@@ -507,3 +509,22 @@ async def test_a_redis_url_opens_a_redis_broker_that_has_not_connected_yet() -> 
     finally:
         await broker.close()
     await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(
+    "rules", [None, GroupRules([GroupRule("hist.*", 10, 60.0, False), GroupRule("*", 0, 0.0, True)])]
+)
+async def test_a_redis_broker_announces_the_group_rules_for_other_writers(
+    redis_server: RedisServer, redis_prefix: str, rules: GroupRules | None
+) -> None:
+    """`<prefix>:rules` is what the Django channel layer reads to know which groups keep history."""
+    broker = open_broker(
+        Settings(broker_url=redis_server.url, redis_prefix=redis_prefix, redis_probe_interval=0.2), rules
+    )
+    try:
+        await broker.subscribe("g:{announce}")  # starts the link; the announcement is written on it
+        await eventually(lambda: redis_server.call("GET", f"{redis_prefix}:rules") is not None)
+        expected = rules.document() if rules is not None else '{"group":[]}'
+        assert redis_server.call("GET", f"{redis_prefix}:rules") == expected
+    finally:
+        await broker.close()
