@@ -15,9 +15,17 @@ LAYERS = {
     "core": "channels_redis.core.RedisChannelLayer",
     "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
 }
+# REFAPP_SOCKET_TIMEOUT=none: no read timeout on the layer's Redis connections. redis-py 6+ reads with a
+# 5 s timeout by default, exactly channels_redis's 5 s BZPOPMIN, and a loaded event loop loses that
+# race: the consumer's receive raises TimeoutError and Channels closes its socket with 1011 (what the
+# reference app did under 5,000 members; see docs/benchmarks-findings.md). Unset: as installed.
+_URL = os.environ.get("REFAPP_REDIS_URL", "redis://127.0.0.1:6379/0")
+HOST: object = (
+    {"address": _URL, "socket_timeout": None} if os.environ.get("REFAPP_SOCKET_TIMEOUT") == "none" else _URL
+)
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": LAYERS[os.environ.get("REFAPP_LAYER", "core")],
-        "CONFIG": {"hosts": [os.environ.get("REFAPP_REDIS_URL", "redis://127.0.0.1:6379/0")]},
+        "CONFIG": {"hosts": [HOST]},
     }
 }
