@@ -107,6 +107,15 @@ class Broker(Protocol):
         from even before the first message. Raises BrokerUnavailable."""
         ...
 
+    async def deny(self, key: str, revoked_at: float, seconds: float) -> None:
+        """Record that `key` (a user's token `sub`) was revoked at wall time `revoked_at`, for
+        `seconds`, where every pod can read it (service/revocations.py). Raises BrokerUnavailable."""
+        ...
+
+    async def denied(self, key: str) -> float | None:
+        """When `key` was revoked, if that is still recorded, else None. Raises BrokerUnavailable."""
+        ...
+
     async def subscribe(self, *channels: str) -> None:
         """Start receiving these channels; returns once the bus has confirmed it. Raises
         BrokerUnavailable when it cannot confirm (the link is down); the channels stay wanted and
