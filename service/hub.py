@@ -1,9 +1,11 @@
-"""The hub: this pod's members by group and by id, and the only caller of the broker.
+"""The hub: this pod's members by group and by id, and the broker's caller for members' traffic.
 
 Publishing goes hub -> broker; delivery comes back broker.messages() -> hub.run -> connection.offer,
 for the publishing pod too (one delivery path, one ordering rule). The pod subscribes to a group's
 channel when its first local member joins and unsubscribes when the last one leaves, under a
-per-group lock so that a join racing a leave never ends unsubscribed.
+per-group lock so that a join racing a leave never ends unsubscribed. Untargeted envelopes on
+channels with no members (the control channel, this pod's own channel) go to whoever `listen`ed
+for them: the server API's commands and answers (service/control.py).
 
 Groups that keep history (service/rules.py) are published with a position, delivered in order by
 the sequencer (service/sequencer.py), and a member may join from a position it last saw: what it

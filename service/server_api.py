@@ -141,8 +141,9 @@ def server_api_routes(pod: Pod) -> list[Route]:
         try:
             answer, status = await run(request)
         except BadRequest as exc:
-            outcome = "too_large" if exc.code == "too_large" else "bad_request"
-            return error(413 if exc.code == "too_large" else 400, outcome, exc.code, exc.detail)
+            if exc.code == "too_large":
+                return error(413, "too_large", exc.code, exc.detail)
+            return error(400, "bad_request", exc.code, exc.detail)
         except BrokerUnavailable:
             return error(503, "broker_error", "broker_unavailable", "the broker is unreachable; retry later")
         if status == 404:

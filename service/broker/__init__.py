@@ -1,7 +1,8 @@
 """The broker carries frames between pods. One Protocol, implementations chosen by URL scheme.
 
-The broker knows channel names and envelopes, never sockets or groups: the hub is its only caller
-and pulls deliveries from `messages()`; nothing below the hub holds a reference back up.
+The broker knows channel names and envelopes, never sockets or groups: the hub, the control channel
+(service/control.py) and the deny list (service/revocations.py) call it, and the hub pulls
+deliveries from `messages()`; nothing below them holds a reference back up.
 """
 
 from __future__ import annotations
