@@ -31,11 +31,12 @@ AUTH: dict[str, Any] = {"jwt_secret": SECRET, "api_keys": "backend-key"}
 
 
 @asynccontextmanager
-async def pods(url: str, prefix: str, count: int) -> AsyncIterator[list[PodServer]]:
+async def pods(url: str, prefix: str, count: int, **overrides: Any) -> AsyncIterator[list[PodServer]]:
+    settings = {**FAST_REDIS, **AUTH, **overrides}
     async with AsyncExitStack() as stack:
         yield [
             await stack.enter_async_context(
-                running_pod(broker_url=url, pod_id=f"pod{n}", redis_prefix=prefix, **FAST_REDIS, **AUTH)
+                running_pod(broker_url=url, pod_id=f"pod{n}", redis_prefix=prefix, **settings)
             )
             for n in range(count)
         ]
@@ -180,6 +181,65 @@ async def test_a_pod_started_after_the_revocation_refuses_too(
             broker_url=redis_server.url, pod_id="late", redis_prefix=redis_prefix, **FAST_REDIS, **AUTH
         ) as late:
             assert await closed_with(url(late, "/room")) == 4510
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_revocation_through_a_cluster(redis_cluster: RedisCluster, redis_prefix: str) -> None:
+    async with pods(redis_cluster.url, redis_prefix, 2) as found:
+        await revoked_users_cannot_come_back(found)
+
+
+@pytest.mark.xdist_group("redis-single")
+async def test_a_revocation_wins_against_clients_reconnecting_all_the_while(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Clients of the revoked user reconnect in a loop on both pods while the disconnect goes out:
+    once it has answered, none of them is connected, and every later attempt is refused."""
+    async with pods(redis_server.url, redis_prefix, 2, user_connect_rate=1000.0) as found:
+        revoked = asyncio.Event()
+        refusals_after: list[int] = []
+        stop = asyncio.Event()
+
+        async def reconnect_forever(pod: PodServer) -> None:
+            while not stop.is_set():
+                after = revoked.is_set()
+                async with websockets.connect(url(pod, "/room"), open_timeout=5) as ws:
+                    try:
+                        while True:
+                            await asyncio.wait_for(ws.recv(), 10)
+                    except websockets.ConnectionClosed as exc:
+                        assert exc.rcvd is not None and exc.rcvd.code == 4510
+                        if after:
+                            refusals_after.append(exc.rcvd.code)
+
+        loops = [asyncio.create_task(reconnect_forever(pod)) for pod in found for _ in range(3)]
+        await until(lambda: sum(c.sub == "alice" for pod in found for c in pod.pod.hub.connections) >= 6)
+        response = await api(
+            found[0],
+            "POST",
+            "/api/disconnect",
+            json={"user": "alice", "reconnect": False, "deny_seconds": 60},
+        )
+        revoked.set()
+        assert response.json()["complete"] and response.json()["connections"] >= 1
+        await until(lambda: len(refusals_after) >= 20)  # every loop keeps trying, and keeps being refused
+        stop.set()
+        for loop in loops:
+            await asyncio.wait_for(loop, 10)  # a socket that got in would hold its loop: this times out
+        opened = [
+            c
+            for pod in found
+            for c in pod.pod.hub.connections
+            if c.sub == "alice" and c.state.value == "open"
+        ]
+        assert opened == []
+
+
+async def until(check: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 async def test_revocation_over_the_memory_bus() -> None:
