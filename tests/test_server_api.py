@@ -242,6 +242,30 @@ async def until(check: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def test_with_redis_down_a_pod_still_refuses_what_it_was_told(dedicated_redis: RedisServer) -> None:
+    """Redis unreachable at the handshake: each pod falls back on its own copy of the deny list,
+    filled by the disconnect command, and lets other users in (counted as `unavailable`)."""
+    async with pods(dedicated_redis.url, "down", 2) as found:
+        response = await api(
+            found[0],
+            "POST",
+            "/api/disconnect",
+            json={"user": "alice", "reconnect": False, "deny_seconds": 60},
+        )
+        assert response.json()["complete"]
+        dedicated_redis.pause()
+        try:
+            v1 = {"subprotocols": [websockets.Subprotocol("relay.v1")]}  # path "/": no group, no broker
+            before = metric("relay_revocation_checks_total", result="unavailable")
+            for pod in found:
+                assert await closed_with(url(pod, "/"), **v1) == 4510
+                bob = await join(url(pod, "/", sub="bob"), **v1)
+                await bob.ws.close()
+            assert metric("relay_revocation_checks_total", result="unavailable") == before + 2
+        finally:
+            dedicated_redis.cont()
+
+
 async def test_revocation_over_the_memory_bus() -> None:
     async with memory_pods(2) as found:
         await revoked_users_cannot_come_back(found)
