@@ -10,12 +10,13 @@ import asyncio
 import signal
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
 import websockets
+from websockets.sync.client import connect
 
 from service.broker.memory import MemoryBroker, MemoryBus
 from service.server import PodServer
@@ -395,12 +396,20 @@ def test_a_pod_that_never_answers_still_gets_a_bounded_answer(
         "RELAY_BROKER_URL": redis_server.url,
         "RELAY_REDIS_PREFIX": redis_prefix,
         "RELAY_API_KEYS": "backend-key",
+        "RELAY_JWT_SECRET": SECRET,
+        "RELAY_DRAIN_DELAY": "0",
     }
     asking = start_pod_process({**env, "RELAY_POD_ID": "asking"})
     stopped = start_pod_process({**env, "RELAY_POD_ID": "stopped"})
+    token = hs256(sub="alice", groups=["*"])
+    stack = ExitStack()
     try:
         info = httpx.get(f"http://127.0.0.1:{asking.internal_port}/api/info", headers=KEY, timeout=10)
         assert info.json()["answered"] == ["asking", "stopped"]
+        late = stack.enter_context(
+            connect(f"ws://127.0.0.1:{stopped.port}/room?token={token}", open_timeout=5)
+        )
+        late.recv(5)  # the welcome
         stopped.terminate(signal.SIGSTOP)
         started = time.monotonic()
         response = httpx.post(
@@ -416,8 +425,13 @@ def test_a_pod_that_never_answers_still_gets_a_bounded_answer(
         assert 0.5 <= took < 3.0
         unanswered = httpx.get(f"http://127.0.0.1:{asking.internal_port}/metrics", timeout=5).text
         assert "relay_server_api_unanswered_pods_total 1.0" in unanswered
+        stopped.terminate(signal.SIGCONT)  # the command waited in its socket: carried out late
+        with pytest.raises(websockets.ConnectionClosed) as closed_late:
+            late.recv(10)
+        assert closed_late.value.rcvd is not None and closed_late.value.rcvd.code == 4010
     finally:
         stopped.terminate(signal.SIGCONT)
+        stack.close()
         for pod in (asking, stopped):
             pod.terminate()
             pod.wait()
