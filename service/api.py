@@ -21,12 +21,12 @@ from service.config import split
 from service.pod import Pod
 
 
-def _error(status: int, outcome: str, code: str, detail: str) -> Response:
+def error(status: int, outcome: str, code: str, detail: str) -> Response:
     metrics.API_REQUESTS.labels(outcome).inc()
     return JSONResponse({"error": {"code": code, "detail": detail}}, status_code=status)
 
 
-async def _body(request: Request, limit: int) -> bytes | None:
+async def read_body(request: Request, limit: int) -> bytes | None:
     """The request body, or None as soon as it is known to be over `limit` bytes: from its
     Content-Length before reading anything, else while reading, so a client cannot make the pod
     buffer more than `limit` bytes."""
@@ -47,13 +47,13 @@ def authorized(request: Request, keys: list[bytes]) -> Response | None:
     """None when the request carries one of `keys` as a bearer token, else the 401/403 to answer
     (404 when no key is configured: the API is off)."""
     if not keys:
-        return _error(404, "disabled", "api_disabled", "the API is off: set RELAY_API_KEYS")
+        return error(404, "disabled", "api_disabled", "the API is off: set RELAY_API_KEYS")
     header = request.headers.get("authorization", "")
     if not header.lower().startswith("bearer "):
-        return _error(401, "unauthorized", "unauthorized", "send Authorization: Bearer <api key>")
+        return error(401, "unauthorized", "unauthorized", "send Authorization: Bearer <api key>")
     given = header[7:].strip().encode()
     if not any(hmac.compare_digest(given, key) for key in keys):
-        return _error(403, "forbidden", "forbidden", "unknown API key")
+        return error(403, "forbidden", "forbidden", "unknown API key")
     return None
 
 
@@ -65,26 +65,26 @@ def api_routes(pod: Pod) -> list[Route]:
         refused = authorized(request, keys)
         if refused is not None:
             return refused
-        body = await _body(request, limit)
+        body = await read_body(request, limit)
         if body is None:
-            return _error(413, "too_large", "too_large", f"the body is over RELAY_MAX_FRAME_BYTES ({limit})")
+            return error(413, "too_large", "too_large", f"the body is over RELAY_MAX_FRAME_BYTES ({limit})")
         try:
             request_obj = orjson.loads(body)
         except orjson.JSONDecodeError:
-            return _error(400, "bad_request", "bad_json", "the body is not JSON")
+            return error(400, "bad_request", "bad_json", "the body is not JSON")
         if not isinstance(request_obj, dict) or "message" not in request_obj:
-            return _error(400, "bad_request", "bad_request", 'expected {"group" or "channel_id", "message"}')
+            return error(400, "bad_request", "bad_request", 'expected {"group" or "channel_id", "message"}')
         group, channel_id = request_obj.get("group"), request_obj.get("channel_id")
         if (group is None) == (channel_id is None):
-            return _error(400, "bad_request", "bad_request", 'give exactly one of "group" and "channel_id"')
+            return error(400, "bad_request", "bad_request", 'give exactly one of "group" and "channel_id"')
         frame = orjson.dumps({"message": request_obj["message"]}).decode()
         key = request_obj.get("idempotency_key", request.headers.get("idempotency-key"))
         if key is not None and not (isinstance(key, str) and 0 < len(key) <= protocol.MAX_KEY_LENGTH):
-            return _error(400, "bad_request", "bad_request", "idempotency_key: a string of 1-64 characters")
+            return error(400, "bad_request", "bad_request", "idempotency_key: a string of 1-64 characters")
         try:
             if group is not None:
                 if not isinstance(group, str) or protocol.GROUP_NAME.fullmatch(group) is None:
-                    return _error(400, "bad_request", "invalid_group", "group: 1-99 of A-Za-z0-9 . _ -")
+                    return error(400, "bad_request", "invalid_group", "group: 1-99 of A-Za-z0-9 . _ -")
                 published = await pod.hub.publish(group, frame, key)
                 answer: dict[str, object] = {"pods": published.pods}
                 if published.position is not None:
@@ -93,10 +93,10 @@ def api_routes(pod: Pod) -> list[Route]:
                         answer["duplicate"] = True
             else:
                 if not isinstance(channel_id, str) or protocol.CHANNEL_ID.fullmatch(channel_id) is None:
-                    return _error(400, "bad_request", "invalid_channel", "channel_id is not a channel id")
+                    return error(400, "bad_request", "invalid_channel", "channel_id is not a channel id")
                 answer = {"pods": await pod.hub.send_direct(channel_id, frame)}
         except BrokerUnavailable:
-            return _error(503, "broker_error", "broker_unavailable", "the broker is unreachable; retry later")
+            return error(503, "broker_error", "broker_unavailable", "the broker is unreachable; retry later")
         metrics.API_REQUESTS.labels("accepted").inc()
         return JSONResponse(answer, status_code=202)
 

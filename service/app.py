@@ -1,8 +1,8 @@
 """The two ASGI apps of a pod: the public one (WebSockets at any path) and the internal one.
 
 Public port: every WebSocket upgrade goes straight to the endpoint (the seed contract: any path);
-plain HTTP goes to Starlette. Internal port: `/metrics`, `/healthz`, `/readyz`, `/drain`, so
-probes and scrapes never touch the public port.
+plain HTTP goes to Starlette. Internal port: `/metrics`, `/healthz`, `/readyz`, `/drain` and the
+keyed `/api/...`, so probes and scrapes never touch the public port.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from service.config import split
 from service.console import console_routes
 from service.endpoint import Endpoint
 from service.pod import Pod
+from service.server_api import server_api_routes
 
 
 class PublicApp:
@@ -91,5 +92,6 @@ def create_internal_app(pod: Pod) -> Starlette:
             Route("/readyz", readyz),
             Route("/drain", drain, methods=["POST"]),
             *api_routes(pod),
+            *server_api_routes(pod),
         ]
     )

@@ -7,7 +7,8 @@ arrive in the `token` query parameter (browsers cannot set headers on a WebSocke
 
 Claims relay reads: `sub` (the user, for per-user limits), `groups` (groups the connection may
 join, exact names or globs such as `chat.*`), `publish` (groups it may publish to), `direct`
-(true: it may send to a channel id), `exp` (the socket is closed with 4001 when it passes).
+(true: it may send to a channel id), `exp` (the socket is closed with 4001 when it passes), `iat`
+(a token issued after a server-API revocation of its `sub` is not refused, service/revocations.py).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Identity:
     publish: tuple[str, ...]
     direct: bool
     expires_at: float | None  # wall-clock seconds (the token's exp)
+    issued_at: float | None = None  # wall-clock seconds (the token's iat): a revocation spares later tokens
 
     def may_join(self, group: str) -> bool:
         return any(fnmatchcase(group, pattern) for pattern in self.groups)
@@ -148,6 +150,7 @@ def _identity(claims: dict[str, Any]) -> Identity:
 
     sub = claims.get("sub")
     exp = claims.get("exp")
+    iat = claims.get("iat")
     # PyJWT has compared exp with the clock; it still may be any JSON number (10**400 overflows a
     # float, and the expiry timer would take 1e300 badly): past the year 9999 it is not a real one.
     if isinstance(exp, int | float) and not 0 <= exp <= MAX_EXP:
@@ -158,6 +161,7 @@ def _identity(claims: dict[str, Any]) -> Identity:
         publish=patterns("publish"),
         direct=claims.get("direct") is True,
         expires_at=float(exp) if isinstance(exp, int | float) else None,
+        issued_at=float(iat) if isinstance(iat, int | float) and 0 <= iat <= MAX_EXP else None,
     )
 
 

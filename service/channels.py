@@ -1,6 +1,7 @@
 """Logical channel names on the broker, and connection ids.
 
-A group G travels on channel `g:{G}`; each pod listens on `p:<pod_id>` for direct sends. The braces
+A group G travels on channel `g:{G}`; each pod listens on `p:<pod_id>` for direct sends
+and on `c:control` for the server API's commands. The braces
 are a Redis Cluster hash tag: a group's channel and its history keys (`h:{G}`, `m:{G}`, `i:{G}`,
 service/broker/history.py) share one slot, so one script can store and publish a message on a
 single Redis, Sentinel and Cluster alike (group names cannot contain braces). Connection ids
@@ -26,6 +27,9 @@ def group_of(channel: str) -> str:
 def pod(pod_id: str) -> str:
     """The broker channel a pod listens on for direct sends and its own link probes."""
     return "p:" + pod_id
+
+
+CONTROL = "c:control"  # every pod listens: the server API's commands (service/control.py)
 
 
 def new_connection_id(pod_id: str) -> str:

@@ -92,6 +92,7 @@ class Connection:
         "opened_at",
         "send",
         "state",
+        "sub",
         "v1",
     )
 
@@ -104,8 +105,10 @@ class Connection:
         outbox_bytes: int = 1 << 62,
         outbox_max_age: float = float("inf"),
         v1: bool = False,
+        sub: str | None = None,
     ) -> None:
         self.id = conn_id
+        self.sub = sub  # the token's user, for the server API's commands by user
         self.v1 = v1  # speaks protocol v1: group messages say their group
         self.state = State.OPEN
         self.groups: set[str] = set()  # broker channels this connection is a member of

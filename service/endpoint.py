@@ -62,6 +62,7 @@ REFUSALS: dict[str, CloseCode] = {
     "user_connect_rate": CloseCode.TRY_AGAIN_LATER,
     "user_connections": CloseCode.TOO_MANY_CONNECTIONS,
     "broker": CloseCode.TRY_AGAIN_LATER,
+    "revoked": CloseCode.REVOKED,
 }
 
 DETAILS: dict[str, str] = {
@@ -158,6 +159,7 @@ class Endpoint:
             outbox_bytes=s.outbox_bytes,
             outbox_max_age=s.outbox_max_age or float("inf"),
             v1=v1,
+            sub=identity.sub,
         )
         expiry = None
         if identity.expires_at is not None:
@@ -168,6 +170,12 @@ class Endpoint:
         client_code = 1006
         try:
             self._hub.register(conn)
+            # Asked once registered: a revocation recorded after this check is published after it
+            # too, so the disconnect that follows it finds this socket (service/revocations.py).
+            if await self._pod.revocations.refused(identity):
+                metrics.CONNECTIONS_REJECTED.labels("revoked").inc()
+                conn.close(CloseCode.REVOKED, "access revoked")
+                return
             welcome = protocol.welcome(conn.id)
             if group is not None:  # the welcome goes out once the join took effect, before anything else
                 await self._hub.join(conn, group, on_joined=lambda joined: conn.offer(welcome))

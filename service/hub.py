@@ -1,9 +1,11 @@
-"""The hub: this pod's members by group and by id, and the only caller of the broker.
+"""The hub: this pod's members by group and by id, and the broker's caller for members' traffic.
 
 Publishing goes hub -> broker; delivery comes back broker.messages() -> hub.run -> connection.offer,
 for the publishing pod too (one delivery path, one ordering rule). The pod subscribes to a group's
 channel when its first local member joins and unsubscribes when the last one leaves, under a
-per-group lock so that a join racing a leave never ends unsubscribed.
+per-group lock so that a join racing a leave never ends unsubscribed. Untargeted envelopes on
+channels with no members (the control channel, this pod's own channel) go to whoever `listen`ed
+for them: the server API's commands and answers (service/control.py).
 
 Groups that keep history (service/rules.py) are published with a position, delivered in order by
 the sequencer (service/sequencer.py), and a member may join from a position it last saw: what it
@@ -72,6 +74,7 @@ class Hub:
         self._sequencer = Sequencer(broker, self._fan_out)
         self._tasks: set[asyncio.Task[None]] = set()  # backends' group changes under way
         self._locks = KeyedLock()
+        self._listeners: dict[str, Callable[[Envelope], object]] = {}  # channel -> not-member traffic
         self.empty = asyncio.Event()  # set while the pod has no connections (the drain waits on it)
         self.empty.set()
 
@@ -96,6 +99,22 @@ class Hub:
             await self._broker.subscribe(channels.pod(self.pod_id))
         except BrokerUnavailable:
             log.warning("hub.pod_channel_pending", reason="broker unavailable at start")
+
+    def listen(self, channel: str, callback: Callable[[Envelope], object]) -> None:
+        """Hand `channel`'s untargeted envelopes to `callback` (the control channel and this pod's
+        own channel carry the server API's commands and answers, service/control.py)."""
+        self._listeners[channel] = callback
+
+    def user_connections(self, sub: str) -> list[Connection]:
+        """This pod's connections whose token has `sub` (a scan: server API commands are rare)."""
+        return [conn for conn in self._connections.values() if conn.sub == sub]
+
+    def connection(self, conn_id: str) -> Connection | None:
+        return self._connections.get(conn_id)
+
+    def group_sizes(self) -> dict[str, int]:
+        """Local members by group name."""
+        return {channels.group_of(channel): len(members) for channel, members in self._members.items()}
 
     def register(self, conn: Connection) -> None:
         """Make `conn` reachable by direct send."""
@@ -312,24 +331,30 @@ class Hub:
     async def _control(self, conn: Connection, envelope: Envelope) -> None:
         """A backend's group change for one connection (the Django layer's group_add/discard)."""
         verb, _, group = envelope.command.partition(" ")
+        metrics.CONTROL_COMMANDS.labels(await self.change(conn, verb, group)).inc()
+
+    async def change(self, conn: Connection, verb: str, group: str) -> str:
+        """Join (`verb` "join") or leave `group` for `conn` on a backend's behalf, in order with the
+        connection's other such changes; returns "joined", "left" or "refused"."""
         if GROUP_NAME.fullmatch(group) is None:
-            metrics.CONTROL_COMMANDS.labels("refused").inc()
-            return
+            return "refused"
         try:
             async with self._locks.hold("conn " + conn.id):  # one connection's changes in order
                 if verb == "join":
                     await self.join(conn, group)
-                    metrics.CONTROL_COMMANDS.labels("joined").inc()
-                else:
-                    await self.leave(conn, group)
-                    metrics.CONTROL_COMMANDS.labels("left").inc()
+                    return "joined"
+                await self.leave(conn, group)
+                return "left"
         except (TooManyGroups, BrokerUnavailable) as exc:
-            metrics.CONTROL_COMMANDS.labels("refused").inc()
             log.warning("hub.control_refused", conn_id=conn.id, verb=verb, error=type(exc).__name__)
+            return "refused"
 
     def _fan_out(self, envelope: Envelope) -> None:
         members = self._members.get(envelope.channel)
         if not members:
+            listener = self._listeners.get(envelope.channel)
+            if listener is not None:
+                listener(envelope)
             return
         started = time.perf_counter()
         frame = envelope.frame

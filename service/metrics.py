@@ -27,7 +27,7 @@ CONNECTIONS = Gauge("relay_connections", "Open WebSocket connections on this pod
 CONNECTIONS_OPENED = Counter("relay_connections_opened", "WebSocket connections accepted into a group")
 REJECT_REASONS = (
     "origin", "invalid_group", "draining", "capacity", "unauthorized", "token_expired", "forbidden",
-    "connect_rate", "user_connect_rate", "user_connections", "broker", "internal_error",
+    "connect_rate", "user_connect_rate", "user_connections", "broker", "internal_error", "revoked",
 )  # fmt: skip
 CONNECTIONS_REJECTED = Counter(
     "relay_connections_rejected", "Handshakes accepted and then closed at once, by reason", ["reason"]
@@ -146,11 +146,35 @@ API_OUTCOMES = (
     "bad_request",
     "too_large",
     "broker_error",
+    "not_found",
 )
 API_REQUESTS = Counter(
     "relay_api_requests",
-    "Requests to the internal port's keyed API (POST /api/publish, POST /drain) by outcome",
+    "Requests to the internal port's keyed API (/api/..., POST /drain) by outcome",
     ["outcome"],
+)
+
+# The server API's cluster commands (service/control.py, service/server_api.py; docs/server-api.md).
+SERVER_COMMANDS = ("disconnect", "subscribe", "unsubscribe", "groups", "info")
+SERVER_API_COMMANDS = Counter(
+    "relay_server_api_commands",
+    "Server API commands this pod carried out on its own connections (from the control channel)",
+    ["command"],
+)
+SERVER_API_AFFECTED = Counter(
+    "relay_server_api_connections",
+    "Connections of this pod a server API command disconnected, subscribed or unsubscribed",
+    ["command"],
+)
+SERVER_API_UNANSWERED = Counter(
+    "relay_server_api_unanswered_pods",
+    "Pods that did not answer a server API command this pod asked within its timeout",
+)
+REVOCATION_RESULTS = ("allowed", "refused", "reissued", "unavailable")
+REVOCATION_CHECKS = Counter(
+    "relay_revocation_checks",
+    "Handshakes checked against the deny list (server API revocations), by result",
+    ["result"],
 )
 
 # History, recovery and gap fill (groups with a history rule); see docs/history.md.
@@ -191,6 +215,9 @@ LABEL_VALUES: dict[Counter, tuple[str, ...]] = {
     BROKER_LOST: LOST_REASONS,
     CONTROL_COMMANDS: CONTROL_OUTCOMES,
     API_REQUESTS: API_OUTCOMES,
+    SERVER_API_COMMANDS: SERVER_COMMANDS,
+    SERVER_API_AFFECTED: SERVER_COMMANDS,
+    REVOCATION_CHECKS: REVOCATION_RESULTS,
     HISTORY_READS: READ_PURPOSES,
     RECOVERIES: RECOVERY_RESULTS,
     GAP_MESSAGES: GAP_OUTCOMES,

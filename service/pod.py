@@ -20,10 +20,13 @@ import structlog
 from service import metrics, transport
 from service.auth import Authenticator
 from service.broker import Broker
+from service.commands import Commands
 from service.config import Settings, split
+from service.control import Control
 from service.hub import Hub
 from service.limits import Quotas
 from service.protocol import CloseCode
+from service.revocations import Revocations
 from service.rules import GroupRules
 
 log = structlog.get_logger("relay.pod")
@@ -50,6 +53,9 @@ class Pod:
             user_publish_rate=settings.user_publish_rate,
             now=time.monotonic(),
         )
+        self.revocations = Revocations(broker)
+        commands = Commands(self.hub, self.revocations, self.info)
+        self.control = Control(broker, self.hub, settings.pod_id, commands)
         self.draining = False
         self.stopped = asyncio.Event()  # set once the drain is over: the servers exit
         self._run: asyncio.Task[None] | None = None
@@ -59,6 +65,7 @@ class Pod:
 
     async def start(self) -> None:
         await self.hub.start()
+        await self.control.start()
         loop = asyncio.get_running_loop()
         self._run = loop.create_task(self.hub.run(), name="hub.run")
         self._reaper = loop.create_task(self._reap(), name="pod.reaper")
@@ -118,6 +125,16 @@ class Pod:
             "not_draining": not self.draining,
             "below_connection_limit": self.hub.connection_count() < limit,
             "broker": self.broker.ready or not self.settings.ready_requires_broker,
+        }
+
+    def info(self) -> dict[str, object]:
+        """What the server API's `info` says about this pod."""
+        return {
+            "connections": self.hub.connection_count(),
+            "groups": self.hub.group_count(),
+            "draining": self.draining,
+            "ready": all(self.readiness().values()),
+            "max_connections": self.settings.max_connections,
         }
 
     def drain(self) -> asyncio.Task[None]:

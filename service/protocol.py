@@ -42,12 +42,14 @@ class CloseCode(IntEnum):
     SERVICE_RESTART = 1012  # the pod is draining: reconnect, the Service routes you elsewhere
     TRY_AGAIN_LATER = 1013  # the pod is full or opening sockets too fast: reconnect with backoff
     TOKEN_EXPIRED = 4001  # the token reached its exp: reconnect with a fresh token
+    DISCONNECTED = 4010  # a backend disconnected this user or socket (server API): reconnect is fine
     SLOW_CONSUMER = 4008  # fell more than RELAY_OUTBOX_SIZE frames behind
     RATE_LIMITED = 4029  # published faster than the publish limits allow (seed clients)
     TOO_MANY_CONNECTIONS = 4030  # this user already holds RELAY_USER_MAX_CONNECTIONS sockets
     BAD_GROUP_NAME = 4500  # the path does not name a valid group: fix the URL
     UNAUTHORIZED = 4501  # no token, or a token that fails verification
     FORBIDDEN = 4503  # the token does not allow the path's group
+    REVOKED = 4510  # a backend cut this user off (server API): do not reconnect with the same token
 
 
 @dataclass(frozen=True, slots=True)

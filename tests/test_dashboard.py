@@ -100,6 +100,7 @@ def test_rows_cover_the_issue_sections() -> None:
         "Redis",
         "History and recovery",
         "Process",
+        "Server API",
     ]
 
 

@@ -77,9 +77,12 @@ def test_outcomes_and_reasons_named_elsewhere_are_exported_at_zero() -> None:
     }
     assert {"published", "joined", "broker_error"} <= returned <= set(metrics.RECEIVED_OUTCOMES)
     api = {
-        _literal(c.args[1]) for c in _calls(Path(SERVICE, "api.py")) if getattr(c.func, "id", "") == "_error"
+        _literal(c.args[1])
+        for module in ("api.py", "server_api.py")
+        for c in _calls(Path(SERVICE, module))
+        if getattr(c.func, "id", "") == "error"
     }
-    assert "unauthorized" in api and api <= set(metrics.API_OUTCOMES)
+    assert {"unauthorized", "not_found"} <= api <= set(metrics.API_OUTCOMES)
     failed: set[str | None] = set()
     for path in Path(SERVICE, "broker").glob("*.py"):
         for call in _calls(path):

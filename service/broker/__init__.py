@@ -1,7 +1,8 @@
 """The broker carries frames between pods. One Protocol, implementations chosen by URL scheme.
 
-The broker knows channel names and envelopes, never sockets or groups: the hub is its only caller
-and pulls deliveries from `messages()`; nothing below the hub holds a reference back up.
+The broker knows channel names and envelopes, never sockets or groups: the hub, the control channel
+(service/control.py) and the deny list (service/revocations.py) call it, and the hub pulls
+deliveries from `messages()`; nothing below them holds a reference back up.
 """
 
 from __future__ import annotations
@@ -105,6 +106,15 @@ class Broker(Protocol):
         `limit` when `after` is None. With `start`, a group that has no history yet gets an epoch
         now, at offset 0, kept as `start` says: a member joining it has a position to recover
         from even before the first message. Raises BrokerUnavailable."""
+        ...
+
+    async def deny(self, key: str, revoked_at: float, seconds: float) -> None:
+        """Record that `key` (a user's token `sub`) was revoked at wall time `revoked_at`, for
+        `seconds`, where every pod can read it (service/revocations.py). Raises BrokerUnavailable."""
+        ...
+
+    async def denied(self, key: str) -> float | None:
+        """When `key` was revoked, if that is still recorded, else None. Raises BrokerUnavailable."""
         ...
 
     async def subscribe(self, *channels: str) -> None:

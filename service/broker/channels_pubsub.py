@@ -87,6 +87,12 @@ class BridgedBroker:
     ) -> History:
         return await self._primary.history(channel, after, limit, start)
 
+    async def deny(self, key: str, revoked_at: float, seconds: float) -> None:
+        await self._primary.deny(key, revoked_at, seconds)
+
+    async def denied(self, key: str) -> float | None:
+        return await self._primary.denied(key)
+
     async def subscribe(self, *names: str) -> None:
         await self._primary.subscribe(*names)
         for name in names:

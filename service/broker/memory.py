@@ -36,6 +36,7 @@ class MemoryBus:
     def __init__(self) -> None:
         self.subscribers: dict[str, set[MemoryBroker]] = {}
         self.streams: dict[str, _Stream] = {}
+        self.denied: dict[str, tuple[float, float]] = {}  # key -> (revoked at, expires: monotonic)
 
     async def publish(self, envelope: Envelope) -> int:
         receivers = self.subscribers.get(envelope.channel, ())
@@ -78,6 +79,18 @@ class MemoryBus:
             entries = [e for e in stream.entries if e[0] > after][:limit]
         return History(stream.epoch, stream.offset, entries)
 
+    def deny(self, key: str, revoked_at: float, seconds: float) -> None:
+        self.denied[key] = (revoked_at, time.monotonic() + seconds)
+
+    def revoked_at(self, key: str) -> float | None:
+        entry = self.denied.get(key)
+        if entry is None:
+            return None
+        if time.monotonic() >= entry[1]:
+            del self.denied[key]
+            return None
+        return entry[0]
+
     def _live(self, channel: str, now: float) -> _Stream | None:
         stream = self.streams.get(channel)
         if stream is not None and now >= stream.expires:
@@ -109,6 +122,12 @@ class MemoryBroker:
         self, channel: str, after: int | None, limit: int, start: Retention | None = None
     ) -> History:
         return await self._bus.history(channel, after, limit, start)
+
+    async def deny(self, key: str, revoked_at: float, seconds: float) -> None:
+        self._bus.deny(key, revoked_at, seconds)
+
+    async def denied(self, key: str) -> float | None:
+        return self._bus.revoked_at(key)
 
     async def subscribe(self, *channels: str) -> None:
         for channel in channels:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import random
 import secrets
 import time
@@ -204,6 +205,20 @@ class RedisBroker:
         argv = ("" if after is None else after, limit, *begin)
         reply = await self.command(stream, b"FCALL", history.READ, 3, stream, meta, seen, *argv)
         return history.parse_read(reply, newest_first=after is None)
+
+    def _deny_key(self, key: str) -> bytes:
+        # Hashed: a `sub` may hold any characters and any length; the key stays short and plain.
+        return self._prefix + b"deny:" + hashlib.sha256(key.encode()).hexdigest()[:32].encode()
+
+    async def deny(self, key: str, revoked_at: float, seconds: float) -> None:
+        name = self._deny_key(key)
+        ms = max(1, int(seconds * 1000))
+        await self.command(name, b"SET", name, repr(revoked_at), b"PX", ms, idempotent=True)
+
+    async def denied(self, key: str) -> float | None:
+        name = self._deny_key(key)
+        value = await self.command(name, b"GET", name, idempotent=True)
+        return float(value) if value is not None else None
 
     async def subscribe(self, *channels: str) -> None:
         """Returns once Redis confirmed. While the link is down (after a first connect has had up to

@@ -54,6 +54,12 @@
       reconnect: true,
     },
     {
+      code: 4010,
+      name: "Disconnected",
+      meaning: "A backend disconnected this user or socket through the server API; reconnecting is fine.",
+      reconnect: true,
+    },
+    {
       code: 4029,
       name: "Rate limited",
       meaning: "Published faster than RELAY_PUBLISH_RATE / RELAY_PUBLISH_BURST allow.",
@@ -81,6 +87,12 @@
       code: 4503,
       name: "Forbidden",
       meaning: "The token does not allow this group.",
+      reconnect: false,
+    },
+    {
+      code: 4510,
+      name: "Revoked",
+      meaning: "A backend cut this user off (server API): a token issued before that is refused for a while.",
       reconnect: false,
     },
   ];
