@@ -215,7 +215,9 @@ class Settings:
     )
     jwt_leeway: float = _setting(5.0, "RELAY_JWT_LEEWAY", "seconds of clock skew allowed on exp, nbf and iat")
     api_keys: str = _secret(
-        "RELAY_API_KEYS", "keys for POST /api/publish, comma-separated (several: rotation); empty: API off"
+        "RELAY_API_KEYS",
+        "keys for the internal port's API (publish, drain, server API), comma-separated (several: "
+        "rotation); empty: API off",
     )
     connect_rate: float = _setting(
         0.0, "RELAY_CONNECT_RATE", "new sockets per second per pod (bursts of twice that); 0 disables"
