@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--sample-rate", type=int, default=250)
     args = p.parse_args()
     raise_fd_limit()
+    commit, dirty = git("rev-parse", "HEAD"), [line[3:] for line in git("status", "--porcelain").splitlines()]
     pyspy = os.path.join(os.path.dirname(sys.executable), "py-spy")
     python = MAIN_PYTHON if os.path.exists(MAIN_PYTHON) else sys.executable
     with Servers() as servers:
@@ -77,8 +78,8 @@ def main() -> None:
     summary = load["step"]["summary"] if "summary" in load["step"] else load["step"]
     result = {
         "command": " ".join([".venv-load/bin/python -m loadtest.flame", *sys.argv[1:]]),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty_files": [line[3:] for line in git("status", "--porcelain").splitlines()],
+        "git_commit": commit,
+        "git_dirty_files": dirty,  # before the run: its own output is not a change
         "versions": {"python": platform.python_version(), "py-spy": version("py-spy")},
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shape": "1000 subscribers in 100 groups, 4 publishers",
