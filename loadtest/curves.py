@@ -145,13 +145,17 @@ def main() -> None:
     if args.quick:
         args.subscribers, args.seconds, args.tries = 100, 1.0, 1
     raise_fd_limit()
+    commit, dirty = (
+        _git("rev-parse", "HEAD"),
+        [line[3:] for line in _git("status", "--porcelain").splitlines()],
+    )
     started = time.perf_counter()
     curves = asyncio.run(run(args))
     files = plot(curves, args.plots)
     result = {
         "command": " ".join([".venv-load/bin/python -m loadtest.curves", *sys.argv[1:]]),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty_files": [line[3:] for line in _git("status", "--porcelain").splitlines()],
+        "git_commit": commit,
+        "git_dirty_files": dirty,  # before the run: its own plots are not a change
         "versions": {"python": platform.python_version(), "matplotlib": version("matplotlib")},
         "machine": machine(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
