@@ -15,7 +15,7 @@ import pytest
 from service.broker import Appended, Envelope, Position, Retention
 from service.broker.history import DEDUPE_WINDOW
 from service.broker.memory import MemoryBroker, MemoryBus
-from tests.brokers import Collector, redis_broker
+from tests.brokers import Collector, eventually, redis_broker
 from tests.redis_servers import RedisCluster, RedisServer, SentinelSet
 
 FLAVOURS = [
@@ -53,6 +53,10 @@ async def pods(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterat
             Collector(redis_broker(url, redis_prefix, "b")),
             lambda: _leftover(servers, redis_prefix),
         )
+        # The contract is about what a link carries, not how fast it opens: on a loaded machine (a
+        # mutation run at nice 19 beside a test suite) the first connect can take longer than the
+        # pods' 0.5 s Redis timeout, and a subscribe before it would be refused.
+        await eventually(lambda: found.a.broker.ready and found.b.broker.ready, 15)
     yield found
     await found.a.stop()
     await found.b.stop()
