@@ -24,6 +24,7 @@ from websockets.asyncio.client import ClientConnection
 
 from service.broker import Broker
 from service.config import Settings
+from service.limits import Quotas
 from service.server import PodServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,3 +252,16 @@ def stalled_client(port: int, path: str = "/g") -> socket.socket:
         head += sock.recv(1)
     assert head.startswith(b"HTTP/1.1 101"), head
     return sock
+
+
+def quotas(**kw: float) -> Quotas:
+    """Per-user and per-pod limits, all off (0) unless given, on a clock that starts at 0."""
+    values = {
+        "connect_rate": 0.0,
+        "frame_rate": 0.0,
+        "user_max_connections": 0,
+        "user_connect_rate": 0.0,
+        "user_publish_rate": 0.0,
+        **kw,
+    }
+    return Quotas(now=0.0, **values)  # type: ignore[arg-type]

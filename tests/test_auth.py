@@ -10,9 +10,9 @@ import pytest
 
 from service.auth import ANONYMOUS, Authenticator, AuthError, origin_allowed, token_from
 from service.config import Settings, SettingsError
-from service.limits import Quotas
 from service.protocol import CloseCode
 from tests import tokens
+from tests.helpers import quotas
 
 
 def hs_auth(**overrides: object) -> Authenticator:
@@ -219,18 +219,6 @@ def test_token_is_read_from_the_query_or_the_authorization_header() -> None:
 )
 def test_origin_allow_list(origin: str | None, allowed: list[str], ok: bool) -> None:
     assert origin_allowed(origin, allowed) is ok
-
-
-def quotas(**kw: float) -> Quotas:
-    values = {
-        "connect_rate": 0.0,
-        "frame_rate": 0.0,
-        "user_max_connections": 0,
-        "user_connect_rate": 0.0,
-        "user_publish_rate": 0.0,
-        **kw,
-    }
-    return Quotas(now=0.0, **values)  # type: ignore[arg-type]
 
 
 def test_user_connection_cap_counts_open_sockets_only() -> None:

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from service.limits import SWEEP_INTERVAL, KeyedLock, Quotas, TokenBucket
+from tests.helpers import quotas
 
 
 def test_bucket_allows_a_burst_then_the_rate() -> None:
@@ -69,18 +70,6 @@ def test_reserve_says_go_now_while_a_fraction_of_a_token_is_left_over() -> None:
 def test_reserve_with_zero_rate_never_waits() -> None:
     bucket = TokenBucket(rate=0, burst=1, now=0.0)
     assert all(bucket.reserve(0.0) == 0.0 for _ in range(1000))
-
-
-def quotas(**kw: float) -> Quotas:
-    values = {
-        "connect_rate": 0.0,
-        "frame_rate": 0.0,
-        "user_max_connections": 0,
-        "user_connect_rate": 0.0,
-        "user_publish_rate": 0.0,
-        **kw,
-    }
-    return Quotas(now=0.0, **values)  # type: ignore[arg-type]
 
 
 def test_a_sweep_keeps_users_that_still_hold_a_socket_and_their_cap() -> None:
