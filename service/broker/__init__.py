@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -161,38 +161,33 @@ def open_broker(settings: Settings, rules: GroupRules | None = None) -> Broker:
         from service.broker.redis import RedisBroker
         from service.broker.topology import connect_options, open_topology, parse_url
 
-        parsed = parse_url(url)
-        broker = RedisBroker(
-            open_topology(parsed),
-            connect_options(parsed, settings),
-            pod_id=settings.pod_id,
-            prefix=settings.redis_prefix,
-            probe_interval=settings.redis_probe_interval,
-            backoff_max=settings.redis_backoff_max,
-            announce={b"rules": (rules.document() if rules is not None else '{"group":[]}').encode()},
-        )
+        def redis_broker(link_url: str, **extra: Any) -> RedisBroker:
+            """A RedisBroker for `link_url` with the pod's own identity, prefix and timings."""
+            parsed = parse_url(link_url)
+            return RedisBroker(
+                open_topology(parsed),
+                connect_options(parsed, settings),
+                pod_id=settings.pod_id,
+                prefix=settings.redis_prefix,
+                probe_interval=settings.redis_probe_interval,
+                backoff_max=settings.redis_backoff_max,
+                **extra,
+            )
+
+        rules_text = rules.document() if rules is not None else '{"group":[]}'
+        broker = redis_broker(url, announce={b"rules": rules_text.encode()})
         if not settings.channels_pubsub_urls:
             return broker
         from service.broker import channels_pubsub
         from service.config import split
 
         prefix = settings.channels_pubsub_prefix
-        listeners: list[Broker] = []
-        for host in split(settings.channels_pubsub_urls):
-            listening = parse_url(host)
-            listeners.append(
-                RedisBroker(
-                    open_topology(listening),
-                    connect_options(listening, settings),
-                    pod_id=settings.pod_id,
-                    prefix=settings.redis_prefix,
-                    probe_interval=settings.redis_probe_interval,
-                    backoff_max=settings.redis_backoff_max,
-                    naming=channels_pubsub.naming(prefix),
-                    decode=channels_pubsub.decode,
-                    history=False,
-                )
+        listeners: list[Broker] = [
+            redis_broker(
+                host, naming=channels_pubsub.naming(prefix), decode=channels_pubsub.decode, history=False
             )
+            for host in split(settings.channels_pubsub_urls)
+        ]
         return channels_pubsub.BridgedBroker(broker, listeners, prefix)
     raise ValueError(
         f"unsupported broker URL scheme {scheme!r} in RELAY_BROKER_URL (expected memory://, "
