@@ -363,8 +363,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--allow-dirty", action="store_true", help="run on uncommitted changes (marked in the report)"
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no run: write the report again from the raw results in docs/results/bench/",
+    )
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
+    raw = os.path.join(os.path.dirname(args.out), "results", "bench")
+    if args.report_only:
+        return report_again(raw, args.out)
     meta = provenance(argv)
     if meta["git_dirty_files"] and not args.allow_dirty:
         dirty = meta["git_dirty_files"][:5]
@@ -373,7 +381,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     raise_fd_limit()
     runs = []
-    raw = os.path.join(os.path.dirname(args.out), "results", "bench")
     os.makedirs(raw, exist_ok=True)
     for k in range(1, args.runs + 1):
         print(f"run {k} of {args.runs}", flush=True)
@@ -388,6 +395,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     write_report(runs, args.out, argv=argv)
     print(f"wrote {args.out} and {raw}/run-*.json in {sum(r['seconds'] for r in runs):.0f} s", flush=True)
+    return 0
+
+
+def report_again(raw: str, out: str) -> int:
+    """The report, plots and README block from committed raw runs (after a change to the report)."""
+    from loadtest.report import write_report
+
+    names = sorted(f for f in os.listdir(raw) if f.startswith("run-") and f.endswith(".json"))
+    if not names:
+        print(f"no raw results in {raw}: run `make bench` first", file=sys.stderr)
+        return 2
+    runs = []
+    for name in names:
+        with open(os.path.join(raw, name)) as f:
+            runs.append(json.load(f))
+    write_report(runs, out)
+    print(f"wrote {out} from {len(runs)} runs in {raw}", flush=True)
     return 0
 
 

@@ -424,3 +424,21 @@ def test_bench_headline_ratios_are_of_the_medians_so_cells_agree_with_their_oper
     # medians 10,000 and 200: 50x (the median of the per-run ratios, 40x, would contradict them)
     assert "| relay 1 pod / Django Channels, max msg/s (10,000 / 200) | **50.00x** |" in text
     assert "Python limit" not in text  # targets a run left out get no rows
+
+
+def test_the_readme_quotes_the_medians_of_the_committed_benchmark_runs() -> None:
+    """README's headline numbers are the ones `make bench` wrote to docs/benchmarks.json, from the
+    raw runs committed in docs/results/bench/: rerun `make bench` (or `--report-only`) to change them."""
+    from loadtest.report import README_END, README_START, medians, readme_block
+
+    root = Path(__file__).resolve().parent.parent
+    committed = json.loads((root / "docs" / "benchmarks.json").read_text())
+    raw = sorted((root / "docs" / "results" / "bench").glob("run-*.json"))
+    runs = [json.loads(p.read_text()) for p in raw]
+    assert len(runs) >= 3, "the README quotes medians of three committed runs"
+    assert {r["git_commit"] for r in runs} == {runs[0]["git_commit"]}, "one commit for all runs"
+    assert not any(r["git_dirty_files"] for r in runs), "runs of a clean tree only"
+    assert committed["medians"] == medians(runs)
+    readme = (root / "README.md").read_text()
+    block = readme[readme.index(README_START) : readme.index(README_END) + len(README_END)]
+    assert block == readme_block(committed["medians"], runs[0]["git_commit"], len(runs))
