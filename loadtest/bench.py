@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -380,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{why}: commit first, or pass --allow-dirty for a trial ({dirty})", file=sys.stderr)
         return 2
     raise_fd_limit()
+    # A stopped benchmark (SIGTERM, as from `kill` or a CI timeout) stops its servers too: SystemExit
+    # unwinds through Servers' context manager where the default action would leave them running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     runs = []
     os.makedirs(raw, exist_ok=True)
     for k in range(1, args.runs + 1):
