@@ -180,6 +180,8 @@ def write_report(runs: list[dict[str, Any]], out: str, argv: Sequence[str] = ())
         f"cores, so absolute numbers are noisy: quote medians over the {len(runs)} runs and ratios of "
         f"them. A run took {statistics.median(r['seconds'] for r in runs) / 60:.1f} minutes. A ramp step "
         "that fails is repeated and passes on 2 of 3 tries; the broadcast times are medians of 5 broadcasts. "
+        "Every server of a run stays up through it, so each shape starts only once all of them use "
+        "under 5% of a core (the wait is `settle_s` in the raw results). "
         "Raw results of each run: `docs/results/bench/run-*.json`.",
         "",
         "## Machine, command, commit and versions",
