@@ -274,8 +274,11 @@ async def test_a_reconnect_storm_within_the_grace_is_no_leave_and_no_join(
         storm = [await V1.open(url(p0, "/room", user)) for user in users]
         gone = await V1.open(url(p0, "/room", "gone", name="Gone"))
         heard = await watcher.until(lambda f: events([f]) == [("join", "gone")])
-        # The seed client's join went out before the watcher was there to hear it.
-        assert events(heard) == [("join", u) for u in ["watch", *users, "gone"]]
+        # The seed client's join went out before the watcher was there to hear it, or in one batch
+        # with the watcher's own.
+        assert [e for e in events(heard) if e != ("join", "seed")] == [
+            ("join", u) for u in ["watch", *users, "gone"]
+        ]
         assert {
             "group": "room",
             "presence": {"event": "join", "user": "gone", "claims": {"name": "Gone"}},

@@ -187,7 +187,7 @@ class MemoryBus:
         events = []
         for user in [u for u, due in group.leaving.items() if due <= now]:
             del group.leaving[user]
-            if user not in group.users and user in group.announced:
+            if user in group.announced:  # a user back in time is no longer in `leaving`
                 group.announced.discard(user)
                 events.append(_event(channel, "leave", user, None))
         return events

@@ -75,7 +75,7 @@ local function clean(k, a, now)
   for _, id in ipairs(redis.call('ZRANGE', k[1], '-inf', now, 'BYSCORE')) do drop(k, a, id, now) end
   for _, user in ipairs(redis.call('ZRANGE', k[6], '-inf', now, 'BYSCORE')) do
     redis.call('ZREM', k[6], user)
-    if not redis.call('HGET', k[3], user) and redis.call('SREM', k[5], user) == 1 then
+    if redis.call('SREM', k[5], user) == 1 then  -- a user back in time is no longer in `leaving`
       announce(k, a, 'leave', user, nil)
     end
   end
