@@ -3,12 +3,13 @@
 One pod's `Presence` (service/presence.py) on a real RedisBroker and its own redis-server (free
 loopback port), fed `--connections` connections of distinct users in three shapes: all in one
 group, in groups of 100, and each alone in its group (the refresh's worst case: one call per group).
-Per shape: the FCALLs and Redis CPU the joins took (they are batched per event-loop turn), then the
-steady state over `--window` seconds (refreshes every TTL/3, nothing else): FCALLs per second and
-Redis CPU per second; the memory the entries hold (INFO used_memory, after minus before, per
-connection); then the leaves. Connections are the pod's own objects with a send that does nothing:
-presence never sends to sockets, so none are opened. The link's probes (a PUBLISH every few seconds
-of silence) are left out by counting FCALLs only; `total_commands` is there too for the curious.
+Per shape: the FCALLs and Redis CPU the joins took (they are batched per event-loop turn); then
+`--cycles` refresh cycles, each measured alone (FCALLs, the commands Redis ran inside them, Redis CPU
+from INFO), and the steady state they make at `--ttl` (three cycles per TTL, nothing else); the
+memory the entries hold (INFO used_memory, after minus before, per connection); then the leaves.
+Connections are the pod's own objects with a send that does nothing: presence never sends to
+sockets, so none are opened. `redis_commands` counts every command Redis ran in a cycle, those
+inside the functions included (a ZADD per refreshed id); the link's rare probes are in it too.
 
     .venv/bin/python -m loadtest.presence_cost --json docs/results/presence-cost.json
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -41,7 +43,7 @@ SHAPES = {"one group": 0, "groups of 100": 100, "one per group": 1}  # connectio
 class Config:
     connections: int = 10_000
     ttl: float = 60.0
-    window: float = 60.0
+    cycles: int = 3
     mode: str = "full"
     claims_bytes: int = 40  # `{"name": "user 1234"}` and the like
 
@@ -92,9 +94,13 @@ async def shape(url: str, admin: redis.Redis, name: str, per_group: int, config:
         await presence.flush()
         join_seconds = time.monotonic() - started
         joined = _stats(admin)
-        steady_from = _stats(admin)
-        await asyncio.sleep(config.window)
-        steady = _delta(steady_from, _stats(admin))
+        cycles = []
+        for _ in range(config.cycles):  # what the refresher does every TTL/3, measured one by one
+            cycle_from, cycle_started = _stats(admin), time.monotonic()
+            await presence.refresh()
+            cycles.append({**_delta(cycle_from, _stats(admin)), "seconds": time.monotonic() - cycle_started})
+        cycle = {k: statistics.median(c[k] for c in cycles) for k in cycles[0]}
+        per_second = 3 / config.ttl  # refresh cycles per second
         leave_from = _stats(admin)
         for n, conn in enumerate(conns):
             presence.left(conn, "g:{" + f"{name[:3]}-{n // size}" + "}")
@@ -111,14 +117,20 @@ async def shape(url: str, admin: redis.Redis, name: str, per_group: int, config:
                 "fcalls": joins["fcalls"],
                 "redis_cpu_seconds": round(joins["cpu"], 3),
             },
-            "steady": {
-                "window_seconds": config.window,
-                "fcalls_per_second": round(steady["fcalls"] / config.window, 2),
-                "fcalls_per_second_per_10k": round(steady["fcalls"] / config.window * per, 2),
-                "fcall_usec_per_second_per_10k": round(steady["fcall_usec"] / config.window * per, 1),
-                "redis_cpu_share_per_10k": round(steady["cpu"] / config.window * per, 4),
-                # Every command Redis ran, those inside the functions too (ZADD per refreshed id...).
-                "redis_commands_per_second_per_10k": round(steady["commands"] / config.window * per, 1),
+            "refresh_cycle": {  # medians of `cycles` cycles
+                "fcalls": cycle["fcalls"],
+                "redis_commands": cycle["commands"],  # inside the functions too (a ZADD per id...)
+                "fcall_usec": cycle["fcall_usec"],
+                "redis_cpu_seconds": round(cycle["cpu"], 4),
+                "pod_seconds": round(cycle["seconds"], 4),
+                "samples": cycles,
+            },
+            "steady": {  # at the TTL: 3 refresh cycles per TTL, nothing else
+                "ttl_seconds": config.ttl,
+                "fcalls_per_second_per_10k": round(cycle["fcalls"] * per_second * per, 2),
+                "redis_commands_per_second_per_10k": round(cycle["commands"] * per_second * per, 1),
+                "fcall_usec_per_second_per_10k": round(cycle["fcall_usec"] * per_second * per, 1),
+                "redis_cpu_share_per_10k": round(cycle["cpu"] * per_second * per, 5),
             },
             "memory": {
                 "bytes": joins["memory"],
@@ -156,7 +168,7 @@ def markdown(results: list[dict[str, Any]], config: Config) -> str:
         rows.append(
             f"| {r['shape']} | {r['groups']:,} | {r['steady']['fcalls_per_second_per_10k']:g} "
             f"| {r['steady']['redis_commands_per_second_per_10k']:g} "
-            f"| {r['steady']['redis_cpu_share_per_10k'] * 100:.2f}% of a core "
+            f"| {r['steady']['redis_cpu_share_per_10k'] * 100:.3f}% of a core "
             f"| {r['memory']['mib_per_10k']:g} MiB | {r['join']['fcalls']:g} |"
         )
     return "\n".join(rows)

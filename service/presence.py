@@ -255,17 +255,23 @@ class Presence:
         interval = self._ttl / 3
         while True:
             await asyncio.sleep(interval)
-            calls: list[Awaitable[None]] = []
-            retry, self._retry = self._retry, {}
-            for channel in set(self._local) | set(retry):
-                ids = list(self._local.get(channel, ()))
-                again = sorted(retry.get(channel, ()))
-                if not ids:
-                    calls.append(self._update(channel, [], again))
-                for start in range(0, len(ids), REFRESH_BATCH):
-                    calls.append(self._update(channel, [], again, ids[start : start + REFRESH_BATCH]))
-                    again = []
-            await asyncio.gather(*calls)
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Push back the expiry of every entry this pod holds, one call per group and batch of
+        REFRESH_BATCH ids, and send again the departures that failed; what the store lost is
+        queued to be added again."""
+        calls: list[Awaitable[None]] = []
+        retry, self._retry = self._retry, {}
+        for channel in set(self._local) | set(retry):
+            ids = list(self._local.get(channel, ()))
+            again = sorted(retry.get(channel, ()))
+            if not ids:
+                calls.append(self._update(channel, [], again))
+            for start in range(0, len(ids), REFRESH_BATCH):
+                calls.append(self._update(channel, [], again, ids[start : start + REFRESH_BATCH]))
+                again = []
+        await asyncio.gather(*calls)
 
     async def stop(self, timeout: float) -> None:
         """Remove every entry this pod still holds, at once (the drain's end), then stop."""

@@ -498,7 +498,7 @@ async def test_a_page_shows_who_is_in_its_group_and_follows_joins_and_leaves(
         alice = await Console.open(browser, pod_a, **LAPTOP)
         await alice.connect("room", hs256(sub="alice", name="Alice", groups=["*"], publish=["*"]))
         presence = alice.page.locator("#presence")
-        await expect(presence).to_have_text("–")  # nothing is asked until the user asks
+        await expect(presence).to_have_text("\u2013")  # a dash: nothing is asked until the user asks
         await alice.page.click("#presence-ask")
         await expect(presence).to_have_text('1 connection, 1 user: alice "Alice"')
         bob_token = hs256(sub="bob", groups=["*"], publish=["*"])

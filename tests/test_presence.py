@@ -23,7 +23,7 @@ from websockets.asyncio.client import ClientConnection
 
 from service.broker.memory import MemoryBroker, MemoryBus
 from service.server import PodServer
-from tests.brokers import FAST_REDIS
+from tests.brokers import FAST_REDIS, eventually
 from tests.helpers import Client, join, metric, running_pod, start_pod_process
 from tests.redis_servers import RedisServer
 from tests.test_schema import schema
@@ -345,3 +345,26 @@ async def test_bad_presence_requests_get_clear_answers(
         marker = await clients[0].publish("room", n=1)
         await clients[0].nothing_before(marker)
         await close_all(member, *clients)
+
+
+async def test_a_redis_outage_keeps_every_connection_and_the_refresh_puts_presence_back(
+    dedicated_redis: RedisServer, redis_prefix: str, rules_file: str
+) -> None:
+    """Redis dies and comes back empty: the members stay connected throughout, the writes that fail
+    meanwhile are counted, and the next refresh adds every entry again."""
+    async with pods(dedicated_redis.url, redis_prefix, 2, rules_file, presence_ttl=1.5) as (p0, p1):
+        a = await join(url(p0, "/room", "ann"))
+        b = await join(url(p1, "/room", "ben"))
+        await counted(p0, "room", 2, 2)
+        repaired = metric("relay_presence_repaired_total")
+        failed = metric("relay_presence_failures_total", kind="refresh")
+        dedicated_redis.kill()
+        late = await join(url(p0, "/room", "cat"))  # joins while Redis is down: not refused for it
+        await eventually(lambda: metric("relay_presence_failures_total", kind="refresh") > failed)
+        dedicated_redis.start()  # empty: no persistence
+        await counted(p1, "room", 3, 3, timeout=10)
+        assert metric("relay_presence_repaired_total") >= repaired + 2  # ann's and ben's, re-added
+        marker = await b.publish("room", n=1)  # everyone was served all along
+        for client in (a, b, late):
+            await client.nothing_before(marker)
+        await close_all(a, b, late)
