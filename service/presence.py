@@ -29,7 +29,7 @@ import orjson
 import structlog
 
 from service import channels, metrics
-from service.broker import Arrival, Broker, BrokerUnavailable, PresenceTerms, Present
+from service.broker import Arrival, Broker, BrokerUnavailable, PresenceBatch, PresenceTerms, Present
 from service.config import Settings
 from service.connection import Connection
 from service.rules import GroupRule, GroupRules
@@ -231,9 +231,8 @@ class Presence:
             return
         kind = "refresh" if refresh else "write"
         try:
-            missing = await self._broker.presence_update(
-                channel, self.terms(rule), arrivals, departures, refresh
-            )
+            batch = PresenceBatch(arrivals, departures, refresh)
+            missing = await self._broker.presence_update(channel, self.terms(rule), batch)
         except Exception as exc:  # BrokerUnavailable, or a bug: never the connection's problem
             metrics.PRESENCE_FAILURES.labels(kind).inc()
             if departures:

@@ -104,6 +104,16 @@ class Arrival:
 
 
 @dataclass(frozen=True, slots=True)
+class PresenceBatch:
+    """Changes to one group's presence, carried out in this order: remove `departures`
+    (connection ids), add `arrivals`, push back the expiry of `refresh` (connection ids)."""
+
+    arrivals: Sequence[Arrival] = ()
+    departures: Sequence[str] = ()
+    refresh: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Member:
     """A user present in a group: how many of the group's connections are theirs, and the
     allow-listed claims of their latest one (JSON text of an object)."""
@@ -161,18 +171,11 @@ class Broker(Protocol):
         """When `key` was revoked, if that is still recorded, else None. Raises BrokerUnavailable."""
         ...
 
-    async def presence_update(
-        self,
-        channel: str,
-        terms: PresenceTerms,
-        arrivals: Sequence[Arrival] = (),
-        departures: Sequence[str] = (),
-        refresh: Sequence[str] = (),
-    ) -> list[str]:
+    async def presence_update(self, channel: str, terms: PresenceTerms, batch: PresenceBatch) -> list[str]:
         """One atomic step on the presence of `channel`'s group (service/broker/presence.py):
-        drop expired entries and announce the leaves that are due, remove `departures`
-        (connection ids), add `arrivals`, push back the expiry of `refresh`. Returns the ids of
-        `refresh` the store did not hold (the caller adds them again). Raises BrokerUnavailable."""
+        drop expired entries and announce the leaves that are due, then carry out `batch`. Returns
+        the ids of `batch.refresh` the store did not hold (the caller adds them again). Raises
+        BrokerUnavailable."""
         ...
 
     async def presence_read(self, channel: str, terms: PresenceTerms, limit: int) -> Present:

@@ -27,11 +27,11 @@ import structlog
 from service import channels, metrics
 from service.broker import (
     Appended,
-    Arrival,
     Broker,
     BrokerUnavailable,
     Envelope,
     History,
+    PresenceBatch,
     PresenceTerms,
     Present,
     Retention,
@@ -103,15 +103,8 @@ class BridgedBroker:
     async def denied(self, key: str) -> float | None:
         return await self._primary.denied(key)
 
-    async def presence_update(
-        self,
-        channel: str,
-        terms: PresenceTerms,
-        arrivals: Sequence[Arrival] = (),
-        departures: Sequence[str] = (),
-        refresh: Sequence[str] = (),
-    ) -> list[str]:
-        return await self._primary.presence_update(channel, terms, arrivals, departures, refresh)
+    async def presence_update(self, channel: str, terms: PresenceTerms, batch: PresenceBatch) -> list[str]:
+        return await self._primary.presence_update(channel, terms, batch)
 
     async def presence_read(self, channel: str, terms: PresenceTerms, limit: int) -> Present:
         return await self._primary.presence_read(channel, terms, limit)

@@ -12,7 +12,7 @@ import asyncio
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 import orjson
@@ -20,11 +20,11 @@ import orjson
 from service import channels
 from service.broker import (
     Appended,
-    Arrival,
     Envelope,
     History,
     Member,
     Position,
+    PresenceBatch,
     PresenceTerms,
     Present,
     Retention,
@@ -116,20 +116,13 @@ class MemoryBus:
             return None
         return entry[0]
 
-    async def presence_update(
-        self,
-        channel: str,
-        terms: PresenceTerms,
-        arrivals: Sequence[Arrival],
-        departures: Sequence[str],
-        refresh: Sequence[str],
-    ) -> list[str]:
+    async def presence_update(self, channel: str, terms: PresenceTerms, batch: PresenceBatch) -> list[str]:
         now = time.monotonic()
         group = self.presence.setdefault(channel, _Presence())
         events = await self._clean(channel, group, terms, now)
-        for conn_id in departures:
+        for conn_id in batch.departures:
             self._drop(group, terms, conn_id, now + terms.grace)
-        for arrival in arrivals:
+        for arrival in batch.arrivals:
             if arrival.conn_id in group.conns:
                 continue
             group.conns[arrival.conn_id] = (now + terms.ttl, arrival.user, arrival.claims)
@@ -143,7 +136,7 @@ class MemoryBus:
                     group.announced.add(arrival.user)
                     events.append(_event(channel, "join", arrival.user, arrival.claims))
         missing = []
-        for conn_id in refresh:
+        for conn_id in batch.refresh:
             entry = group.conns.get(conn_id)
             if entry is None:
                 missing.append(conn_id)
@@ -239,15 +232,8 @@ class MemoryBroker:
     async def denied(self, key: str) -> float | None:
         return self._bus.revoked_at(key)
 
-    async def presence_update(
-        self,
-        channel: str,
-        terms: PresenceTerms,
-        arrivals: Sequence[Arrival] = (),
-        departures: Sequence[str] = (),
-        refresh: Sequence[str] = (),
-    ) -> list[str]:
-        return await self._bus.presence_update(channel, terms, arrivals, departures, refresh)
+    async def presence_update(self, channel: str, terms: PresenceTerms, batch: PresenceBatch) -> list[str]:
+        return await self._bus.presence_update(channel, terms, batch)
 
     async def presence_read(self, channel: str, terms: PresenceTerms, limit: int) -> Present:
         return await self._bus.presence_read(channel, terms, limit)

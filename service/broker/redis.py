@@ -36,11 +36,11 @@ from service import metrics
 from service.broker import (
     RESYNC,
     Appended,
-    Arrival,
     BrokerUnavailable,
     Envelope,
     History,
     Position,
+    PresenceBatch,
     PresenceTerms,
     Present,
     Retention,
@@ -227,20 +227,13 @@ class RedisBroker:
             b"1" if terms.events else b"0",
         ]
 
-    async def presence_update(
-        self,
-        channel: str,
-        terms: PresenceTerms,
-        arrivals: Sequence[Arrival] = (),
-        departures: Sequence[str] = (),
-        refresh: Sequence[str] = (),
-    ) -> list[str]:
+    async def presence_update(self, channel: str, terms: PresenceTerms, batch: PresenceBatch) -> list[str]:
         args = self._presence_call(presence.UPDATE, channel, terms)
-        args += (len(arrivals), len(departures))
-        for arrival in arrivals:
+        args += (len(batch.arrivals), len(batch.departures))
+        for arrival in batch.arrivals:
             args += (arrival.conn_id, arrival.user, arrival.claims)
-        args += departures
-        args += refresh
+        args += batch.departures
+        args += batch.refresh
         # Idempotent: sent twice, a batch leaves the same state (an arrival already there is kept).
         missing = await self.command(self._name(channel), *args, idempotent=True)
         return [conn_id.decode() for conn_id in missing]
