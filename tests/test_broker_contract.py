@@ -304,6 +304,13 @@ async def test_presence_counts_connections_and_distinct_users_across_pods(pods: 
         [Member("ann", 1, '{"name":"Ann"}')],
     )
     assert present.truncated
+    odd = "line\nbreak {x} \u2603"  # a token `sub` may hold anything
+    await update(pods.a.broker, "g:{room}", TERMS, [arrival("a.3", odd, '{"a":"b\\nc"}')])
+    assert (
+        Member(odd, 1, '{"a":"b\\nc"}') in (await pods.b.broker.presence_read("g:{room}", TERMS, 10)).members
+    )
+    await update(pods.a.broker, "g:{room}", TERMS, departures=["a.3"])
+    assert (await pods.b.broker.presence_read("g:{room}", TERMS, 10)).users == 2
     empty = await pods.b.broker.presence_read("g:{nobody}", TERMS, 10)
     assert (empty.connections, empty.users, empty.members, empty.truncated) == (0, 0, [], False)
 

@@ -3,7 +3,8 @@
 For a group G (channel `g:{G}`), all under the group's hash tag and so in one cluster slot:
 
     <prefix>:pc:{G}   a sorted set: connection id -> the time (Redis ms) its entry expires
-    <prefix>:pi:{G}   a hash: connection id -> "<user>\\n<claims JSON>" (user "" for no token `sub`)
+    <prefix>:pi:{G}   a hash: connection id -> "<claims JSON>\\n<user>" (user "" for no token `sub`;
+                      compact JSON has no newline, so the first one ends the claims, whatever the user)
     <prefix>:pu:{G}   a hash: user -> how many of the group's connections are theirs
     <prefix>:pn:{G}   a hash: user -> the allow-listed claims of their latest connection (JSON)
     <prefix>:pa:{G}   a set: users whose join was announced and whose leave was not yet (events)
@@ -61,7 +62,7 @@ local function drop(k, a, id, due)
   redis.call('ZREM', k[1], id)
   if not info then return end
   redis.call('HDEL', k[2], id)
-  local user = string.sub(info, 1, string.find(info, '\\n', 1, true) - 1)
+  local user = string.sub(info, string.find(info, '\\n', 1, true) + 1)
   if user ~= '' and redis.call('HINCRBY', k[3], user, -1) <= 0 then
     redis.call('HDEL', k[3], user)
     redis.call('HDEL', k[4], user)
@@ -95,7 +96,7 @@ local function update(k, a)
   for i = at, at + 3 * joins - 1, 3 do
     local id, user, claims = a[i], a[i + 1], a[i + 2]
     if redis.call('ZADD', k[1], expires, id) == 1 then
-      redis.call('HSET', k[2], id, user .. '\\n' .. claims)
+      redis.call('HSET', k[2], id, claims .. '\\n' .. user)
       if user ~= '' then
         redis.call('HSET', k[4], user, claims)
         if redis.call('HINCRBY', k[3], user, 1) == 1 and a[7] == '1' then
