@@ -234,7 +234,7 @@ async def test_a_killed_pods_members_vanish_within_the_ttl(
             victim.wait()
             assert (await presence(survivor, "room"))["users"] == 4  # not gone at once: nobody said
             await counted(survivor, "room", 1, 1, timeout=ttl * 3)
-            assert time.monotonic() - killed <= ttl + 0.3
+            assert time.monotonic() - killed <= ttl + 0.5  # (the slack: noticing it, on a busy machine)
             await close_all(kept, *doomed)
     finally:
         if victim.proc.poll() is None:
@@ -260,6 +260,9 @@ async def test_a_drain_removes_the_pods_members_at_once(
         await close_all(staying, *leaving)
 
 
+GRACE = 2.5  # the storm below takes well under a second; room for a loaded machine
+
+
 @pytest.mark.xdist_group("redis-single")
 async def test_a_reconnect_storm_within_the_grace_is_no_leave_and_no_join(
     redis_server: RedisServer, redis_prefix: str, rules_file: str
@@ -267,7 +270,7 @@ async def test_a_reconnect_storm_within_the_grace_is_no_leave_and_no_join(
     """Every client of a pod reconnects to another within a second: the watcher hears no leave and
     no join for any of them; only the user who did not come back leaves, once the grace passed.
     A seed-protocol member of the group never receives a presence frame."""
-    async with pods(redis_server.url, redis_prefix, 2, rules_file, presence_grace=1.5) as (p0, p1):
+    async with pods(redis_server.url, redis_prefix, 2, rules_file, presence_grace=GRACE) as (p0, p1):
         seed = await join(url(p1, "/room", "seed"))
         watcher = await V1.open(url(p1, "/room", "watch"))
         users = [f"s{n}" for n in range(20)]
@@ -288,11 +291,12 @@ async def test_a_reconnect_storm_within_the_grace_is_no_leave_and_no_join(
         await close_all(*storm)
         storm = [await V1.open(url(p1, "/room", user)) for user in users]  # back, on the other pod
         await gone.ws.close()
-        assert time.monotonic() - started < 1.0 + 1.0  # a second's storm (and a loaded machine's second)
+        storm_took = time.monotonic() - started
+        assert storm_took < GRACE  # within the grace, or the leaves would be due (a second here)
 
         heard = await watcher.until(lambda f: "presence" in f, timeout=10)
         assert events(heard) == [("leave", "gone")]
-        assert time.monotonic() - started >= 1.5  # not before the grace
+        assert time.monotonic() - started >= GRACE  # not before the grace
         assert heard[-1] == {"group": "room", "presence": {"event": "leave", "user": "gone"}}
         # Every storm user's leave was due before gone's: had one been announced, it came first.
         marker = await seed.publish("room", marker=True)
