@@ -22,9 +22,12 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 from service.broker.memory import MemoryBroker, MemoryBus
+from service.connection import Connection
+from service.presence import Presence, PresenceOff
+from service.rules import GroupRules
 from service.server import PodServer
 from tests.brokers import FAST_REDIS, eventually
-from tests.helpers import Client, join, metric, running_pod, start_pod_process
+from tests.helpers import Client, join, metric, running_pod, settings, start_pod_process
 from tests.redis_servers import RedisServer
 from tests.test_schema import schema
 from tests.test_server_api import AUTH, api, url
@@ -372,3 +375,33 @@ async def test_a_redis_outage_keeps_every_connection_and_the_refresh_puts_presen
         for client in (a, b, late):
             await client.nothing_before(marker)
         await close_all(a, b, late)
+
+
+async def test_claims_past_the_cap_are_left_out_the_last_named_first() -> None:
+    """Only allow-listed claims are shown, within RELAY_PRESENCE_CLAIMS_BYTES: the rule's last named
+    claims go first until the rest fits (and a connection without a sub counts, unlisted)."""
+    rules = GroupRules.parse(
+        {"group": [{"match": "*", "presence": "full", "presence_claims": ["name", "role", "avatar"]}]}
+    )
+    presence = Presence(MemoryBroker(MemoryBus()), rules, settings(presence_claims_bytes=40))
+    presence.start()
+    try:
+        claims = {"name": "Ann", "role": "admin", "avatar": "x" * 30, "email": "never shown"}
+        presence.joined(Connection("p.1", _send, outbox_size=1, sub="ann", claims=claims), "g:{room}")
+        presence.joined(Connection("p.2", _send, outbox_size=1), "g:{room}")
+        assert await presence.read("room") == {
+            "group": "room",
+            "mode": "full",
+            "connections": 2,
+            "users": 1,
+            "members": [{"user": "ann", "connections": 1, "claims": {"name": "Ann", "role": "admin"}}],
+            "truncated": False,
+        }
+        with pytest.raises(PresenceOff):
+            await Presence(MemoryBroker(MemoryBus()), GroupRules([]), settings()).read("room")
+    finally:
+        await presence.stop(1.0)
+
+
+async def _send(message: dict[str, Any]) -> None:
+    return None
