@@ -101,9 +101,6 @@ class Presence:
         self._progress = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
 
-    def enabled(self, group: str) -> GroupRule | None:
-        return self._rules.presence_for(group)
-
     def terms(self, rule: GroupRule) -> PresenceTerms:
         return PresenceTerms(self._ttl, self._grace, rule.presence_events)
 
@@ -114,9 +111,6 @@ class Presence:
                 loop.create_task(self._write(), name="presence.write"),
                 loop.create_task(self._refresh(), name="presence.refresh"),
             ]
-
-    def local_count(self) -> int:
-        return sum(len(entries) for entries in self._local.values())
 
     # --- what the hub tells --------------------------------------------------------------------
 
@@ -157,14 +151,15 @@ class Presence:
         """The rule's allow-listed claims of `conn`'s token as JSON, within RELAY_PRESENCE_CLAIMS_BYTES
         (claims that do not fit are left out, the last named first)."""
         shown = {name: conn.claims[name] for name in rule.presence_claims if name in conn.claims}
-        while True:
+        while shown:
             try:
                 text = orjson.dumps(shown).decode()
-            except TypeError:  # not JSON-ready (a token's claims always are; a test's may not be)
-                text = "{}"
-            if len(text.encode()) <= self._claims_bytes or not shown:
-                return text if len(text.encode()) <= self._claims_bytes else "{}"
+            except TypeError:  # orjson refuses what JSON allows but it cannot hold (an int past 64 bits)
+                return "{}"
+            if len(text.encode()) <= self._claims_bytes:
+                return text
             shown.pop(next(reversed(shown)))
+        return "{}"  # fits: RELAY_PRESENCE_CLAIMS_BYTES is at least 2
 
     def _settle_later(self, channel: str) -> None:
         """Ask the store to settle `channel`'s group once the grace of its latest leave has passed."""
