@@ -28,7 +28,7 @@ from service.rules import GroupRules
 from service.server import PodServer
 from tests.brokers import FAST_REDIS, eventually
 from tests.helpers import Client, join, metric, running_pod, settings, start_pod_process
-from tests.redis_servers import RedisServer
+from tests.redis_servers import RedisCluster, RedisServer
 from tests.test_schema import schema
 from tests.test_server_api import AUTH, api, url
 from tests.tokens import SECRET
@@ -203,6 +203,15 @@ async def test_counts_and_members_follow_clients_across_three_pods(
     left = redis_server.call("KEYS", f"{redis_prefix}:p[a-z]:*")
     assert sorted(left) == [f"{redis_prefix}:pa:{{room}}", f"{redis_prefix}:pl:{{room}}"]
     assert all(0 < int(redis_server.call("PTTL", key)) <= (60 + 5 + 1) * 1000 for key in left)
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_counts_and_members_through_a_cluster(
+    redis_cluster: RedisCluster, redis_prefix: str, rules_file: str
+) -> None:
+    """Every key of a group under its hash tag: one slot, one FCALL, on whichever shard owns it."""
+    async with pods(redis_cluster.url, redis_prefix, 3, rules_file) as found:
+        await counts_and_members_follow_clients_across_three_pods(found)
 
 
 async def test_counts_and_members_over_the_memory_bus(rules_file: str) -> None:
