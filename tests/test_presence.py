@@ -245,6 +245,8 @@ async def test_a_killed_pods_members_vanish_within_the_ttl(
             killed = time.monotonic()
             victim.wait()
             assert (await presence(survivor, "room"))["users"] == 4  # not gone at once: nobody said
+            started = next(line for line in victim.logs() if line.get("event") == "pod.started")
+            assert started["presence"] == {"room*": "full with events", "count*": "counts"}  # said at start
             await counted(survivor, "room", 1, 1, timeout=ttl * 3)
             assert time.monotonic() - killed <= ttl + 0.5  # (the slack: noticing it, on a busy machine)
             await close_all(kept, *doomed)
