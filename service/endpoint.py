@@ -162,7 +162,7 @@ class Endpoint:
             outbox_max_age=s.outbox_max_age or float("inf"),
             v1=v1,
             sub=identity.sub,
-            claims=identity.claims,
+            claims={k: v for k, v in identity.claims.items() if k in self._pod.rules.claims_shown},
         )
         expiry = None
         if identity.expires_at is not None:

@@ -62,6 +62,8 @@ class GroupRules:
     def __init__(self, rules: list[GroupRule]) -> None:
         self.rules = tuple(rules)
         self._cache: dict[str, GroupRule | None] = {}
+        # Every claim some rule shows: a connection keeps only these of its token (not all of it).
+        self.claims_shown = frozenset(c for r in self.rules for c in r.presence_claims)
 
     def for_group(self, group: str) -> GroupRule | None:
         try:

@@ -54,6 +54,8 @@ def test_presence_fields_default_to_off_and_are_read_as_written() -> None:
     count = rules.presence_for("count.1")
     assert count is not None and count.presence == "counts" and count.keeps_history
     assert rules.presence_for("other") is None and rules.for_group("other") is not None
+    # what a connection keeps of its token: only the claims some rule shows
+    assert rules.claims_shown == {"name"} and GroupRules([]).claims_shown == set()
 
 
 @pytest.mark.parametrize(
