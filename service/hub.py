@@ -27,6 +27,7 @@ from service import channels, metrics
 from service.broker import RESYNC, Broker, BrokerUnavailable, Envelope, History, Position, Retention
 from service.connection import Connection
 from service.limits import KeyedLock
+from service.presence import Presence
 from service.protocol import GROUP_NAME, Since, group_frame, pod_of
 from service.rules import GroupRule, GroupRules
 from service.sequencer import Sequencer
@@ -62,9 +63,16 @@ class Hub:
     """Local membership and fan-out for one pod."""
 
     def __init__(
-        self, broker: Broker, pod_id: str, *, max_groups: int = 100, rules: GroupRules | None = None
+        self,
+        broker: Broker,
+        pod_id: str,
+        *,
+        max_groups: int = 100,
+        rules: GroupRules | None = None,
+        presence: Presence | None = None,
     ) -> None:
         self.pod_id = pod_id
+        self._presence = presence  # told of joins and leaves in groups that keep presence
         self._broker = broker
         self._max_groups = max_groups
         self._rules = rules or GroupRules([])
@@ -145,11 +153,14 @@ class Hub:
         rule = self._rules.history_for(group)
         members = await self._subscribed(channel, rule)
         if rule is not None:
-            return await self._join_history(conn, group, channel, rule, since, on_joined)
-        members.add(conn)
-        conn.groups.add(channel)
-        joined = Joined()
-        on_joined(joined)
+            joined = await self._join_history(conn, group, channel, rule, since, on_joined)
+        else:
+            members.add(conn)
+            conn.groups.add(channel)
+            joined = Joined()
+            on_joined(joined)
+        if self._presence is not None and channel in conn.groups:
+            self._presence.joined(conn, channel)
         return joined
 
     async def _subscribed(self, channel: str, rule: GroupRule | None) -> set[Connection]:
@@ -252,6 +263,8 @@ class Hub:
         if members is None or conn not in members:
             return
         members.discard(conn)
+        if self._presence is not None:
+            self._presence.left(conn, channel)
         if members:
             return
         async with self._locks.hold(channel):
@@ -321,7 +334,9 @@ class Hub:
             elif conn.offer(envelope.frame):
                 metrics.MESSAGES_SENT.inc()
             return
-        if envelope.offset:
+        if envelope.event:
+            self._fan_out_event(envelope)
+        elif envelope.offset:
             self._sequencer.accept(envelope)  # in order, once; it calls _fan_out
         elif envelope is RESYNC:
             self._sequencer.resync()
@@ -348,6 +363,14 @@ class Hub:
         except (TooManyGroups, BrokerUnavailable) as exc:
             log.warning("hub.control_refused", conn_id=conn.id, verb=verb, error=type(exc).__name__)
             return "refused"
+
+    def _fan_out_event(self, envelope: Envelope) -> None:
+        """A presence event: to v1 members only. A seed client would take it for a message."""
+        sent = 0
+        for conn in self._members.get(envelope.channel, ()):
+            if conn.v1:
+                sent += conn.offer(envelope.frame)
+        metrics.PRESENCE_EVENTS.inc(sent)
 
     def _fan_out(self, envelope: Envelope) -> None:
         members = self._members.get(envelope.channel)
