@@ -230,9 +230,11 @@ class Hub:
 
     @staticmethod
     def _flush(conn: Connection, group: str, held: list[Envelope], epoch: str, last: int) -> None:
-        """Offer what was held for `conn`, but what history already gave it (epoch, up to last)."""
+        """Offer what was held for `conn`, but what history already gave it (epoch, up to last). A
+        message without a position (a Channels app's, service/broker/channels_pubsub.py) is never
+        one of those, also when the join found no history and so no epoch ("")."""
         for envelope in held:
-            if envelope.epoch == epoch and envelope.offset <= last:
+            if envelope.offset and envelope.epoch == epoch and envelope.offset <= last:
                 continue  # the seam: history gave it already
             if conn.v1:
                 conn.offer(group_frame(group, envelope.frame, envelope.epoch, envelope.offset))

@@ -4,12 +4,14 @@ member is sent first, what is counted, and a live message arriving while history
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
 
-from service.broker import Broker, History, Position, Retention
+from service import channels
+from service.broker import Broker, BrokerUnavailable, Envelope, History, Position, Retention
 from service.broker.memory import MemoryBroker, MemoryBus
 from service.connection import Connection
 from service.hub import Hub, Joined
@@ -328,3 +330,32 @@ async def test_members_recovering_together_when_one_goes_midway() -> None:
         await hub.publish("chat", '{"message":2}')
         await eventually(lambda: len(a.sock.texts) == 2)
         assert a.sock.texts == ['{"message":1}', '{"message":2}'] and b.sock.texts == []
+
+
+class Unreadable(GatedBroker):
+    """History that cannot be read: the reply, once released, is that Redis is unreachable."""
+
+    async def history(
+        self, channel: str, after: int | None, limit: int, start: Retention | None = None
+    ) -> History:
+        await super().history(channel, after, limit, start)
+        raise BrokerUnavailable("redis down")
+
+
+@pytest.mark.parametrize("history", ["unreachable", "none yet"])
+async def test_a_message_without_a_position_arriving_during_a_join_is_delivered(history: str) -> None:
+    """Not every message of a history group has a position: a Django app on Channels' pub/sub layer
+    publishes straight to the group's channel (service/broker/channels_pubsub.py). One arriving while
+    a member's join reads history is held for it like any other, and sent after; also when the
+    join found no history to send (none yet, or Redis unreachable), where there is no epoch."""
+    broker = Unreadable(MemoryBus()) if history == "unreachable" else GatedBroker(MemoryBus())
+    async with running(broker) as hub:
+        a = Member(hub, "a")
+        broker.hold("history")
+        joining = asyncio.create_task(hub.join(a.conn, "chat", Since("E1", 4)))
+        await broker.arrived("history")  # the pod is subscribed to the group by now
+        await broker.publish(Envelope(channels.group("chat"), '{"message":"from django"}', time.time()))
+        broker.release("history")
+        joined = await joining
+        assert joined.recovered is False and joined.position is None
+        await eventually(lambda: a.sock.texts == ['{"message":"from django"}'])
