@@ -105,10 +105,6 @@ class Hub:
         own channel carry the server API's commands and answers, service/control.py)."""
         self._listeners[channel] = callback
 
-    def user_connections(self, sub: str) -> list[Connection]:
-        """This pod's connections whose token has `sub` (a scan: server API commands are rare)."""
-        return [conn for conn in self._connections.values() if conn.sub == sub]
-
     def connection(self, conn_id: str) -> Connection | None:
         return self._connections.get(conn_id)
 
