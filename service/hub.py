@@ -195,8 +195,8 @@ class Hub:
         except BrokerUnavailable:
             pass
         finally:
-            self._release(channel, conn)
-        if channel not in conn.groups:  # it left, or its socket went, while history was read
+            joining = self._release(channel, conn, held)
+        if not joining:  # it left, or its socket went, while history was read (and may be back)
             return Joined()
         if history is not None:
             self._sequencer.begin(channel, history.epoch, history.top)
@@ -217,12 +217,16 @@ class Hub:
         self._flush(conn, group, held, epoch, last)
         return joined
 
-    def _release(self, channel: str, conn: Connection) -> None:
-        """Stop holding live messages for `conn` (it joined, or gave up)."""
+    def _release(self, channel: str, conn: Connection, held: list[Envelope]) -> bool:
+        """Stop holding live messages for `conn` in `held` (it joined, or gave up). False when that
+        was no longer this join's to do: `conn` left meanwhile, and a join since holds its own."""
         waiting = self._held.get(channel, {})
-        waiting.pop(conn, None)
+        joining = waiting.get(conn) is held
+        if joining:
+            del waiting[conn]
         if not waiting:
             self._held.pop(channel, None)
+        return joining
 
     @staticmethod
     def _flush(conn: Connection, group: str, held: list[Envelope], epoch: str, last: int) -> None:

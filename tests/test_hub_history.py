@@ -359,3 +359,30 @@ async def test_a_message_without_a_position_arriving_during_a_join_is_delivered(
         joined = await joining
         assert joined.recovered is False and joined.position is None
         await eventually(lambda: a.sock.texts == ['{"message":"from django"}'])
+
+
+async def test_a_recovering_join_overtaken_by_a_backends_leave_and_join_sends_nothing_twice() -> None:
+    """A client's join from a position reads history; meanwhile a backend takes the connection out
+    of the group and puts it back (two group changes, which do not wait for the client's join). The
+    client's join was left, so it is abandoned as for any leave during the read; the backend's join
+    alone makes it a member, from now on: every message reaches it once."""
+    broker = GatedBroker(MemoryBus())
+    async with running(broker) as hub:
+        first = await hub.publish("chat", '{"message":1}')
+        assert first.position is not None
+        await hub.join(Member(hub, "other").conn, "chat")
+        a = Member(hub, "a")
+        broker.hold("history")
+        recovering = asyncio.create_task(hub.join(a.conn, "chat", Since(first.position.epoch, 0)))
+        await broker.arrived("history")
+        assert await hub.change(a.conn, "leave", "chat") == "left"
+        rejoining = asyncio.create_task(hub.change(a.conn, "join", "chat"))  # reads history too
+        await eventually(lambda: [op for op, _ in broker.calls].count("history") == 2)
+        await hub.publish("chat", '{"message":2}')  # held for the backend's join
+        broker.release("history")
+        assert await recovering == Joined()
+        assert await rejoining == "joined"
+        await hub.publish("chat", '{"message":3}')
+        await eventually(lambda: len(a.sock.texts) >= 2)
+        await asyncio.sleep(0.05)  # a duplicate would arrive right behind
+        assert a.sock.texts == ['{"message":2}', '{"message":3}']
