@@ -332,6 +332,24 @@ async def test_members_recovering_together_when_one_goes_midway() -> None:
         assert a.sock.texts == ['{"message":1}', '{"message":2}'] and b.sock.texts == []
 
 
+async def test_a_member_leaving_while_another_recovers_leaves_only_itself() -> None:
+    broker = GatedBroker(MemoryBus())
+    async with running(broker) as hub:
+        first = await hub.publish("chat", '{"message":1}')
+        assert first.position is not None
+        other, a = Member(hub, "other"), Member(hub, "a")
+        await hub.join(other.conn, "chat")
+        broker.hold("history")
+        joining = asyncio.create_task(hub.join(a.conn, "chat", Since(first.position.epoch, 0)))
+        await broker.arrived("history")
+        await hub.leave(other.conn, "chat")  # a settled member goes while a is still recovering
+        await hub.publish("chat", '{"message":2}')
+        broker.release("history")
+        assert (await joining).recovered is True
+        await eventually(lambda: len(a.sock.texts) == 2)
+        assert a.sock.texts == ['{"message":1}', '{"message":2}'] and other.sock.texts == []
+
+
 class Unreadable(GatedBroker):
     """History that cannot be read: the reply, once released, is that Redis is unreachable."""
 
@@ -359,6 +377,18 @@ async def test_a_message_without_a_position_arriving_during_a_join_is_delivered(
         joined = await joining
         assert joined.recovered is False and joined.position is None
         await eventually(lambda: a.sock.texts == ['{"message":"from django"}'])
+
+
+async def test_no_recovery_state_is_kept_for_a_group_once_its_joins_are_done() -> None:
+    """What the hub holds for members mid-join lives as long as those joins: a pod sees many groups
+    over its life and must not keep an entry for each. No message shows such a leak, so this reads
+    the hub's one private table of it."""
+    async with running(MemoryBroker(MemoryBus())) as hub:
+        a = Member(hub, "a")
+        await hub.join(a.conn, "chat", Since("E1", 0))
+        await hub.join(a.conn, "dash")
+        assert a.conn.groups == {channels.group("chat"), channels.group("dash")}
+        assert hub._held == {}
 
 
 async def test_a_recovering_join_overtaken_by_a_backends_leave_and_join_sends_nothing_twice() -> None:
