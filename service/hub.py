@@ -113,10 +113,6 @@ class Hub:
         own channel carry the server API's commands and answers, service/control.py)."""
         self._listeners[channel] = callback
 
-    def user_connections(self, sub: str) -> list[Connection]:
-        """This pod's connections whose token has `sub` (a scan: server API commands are rare)."""
-        return [conn for conn in self._connections.values() if conn.sub == sub]
-
     def connection(self, conn_id: str) -> Connection | None:
         return self._connections.get(conn_id)
 
@@ -210,8 +206,8 @@ class Hub:
         except BrokerUnavailable:
             pass
         finally:
-            self._release(channel, conn)
-        if channel not in conn.groups:  # it left, or its socket went, while history was read
+            joining = self._release(channel, conn, held)
+        if not joining:  # it left, or its socket went, while history was read (and may be back)
             return Joined()
         if history is not None:
             self._sequencer.begin(channel, history.epoch, history.top)
@@ -232,18 +228,24 @@ class Hub:
         self._flush(conn, group, held, epoch, last)
         return joined
 
-    def _release(self, channel: str, conn: Connection) -> None:
-        """Stop holding live messages for `conn` (it joined, or gave up)."""
+    def _release(self, channel: str, conn: Connection, held: list[Envelope]) -> bool:
+        """Stop holding live messages for `conn` in `held` (it joined, or gave up). False when that
+        was no longer this join's to do: `conn` left meanwhile, and a join since holds its own."""
         waiting = self._held.get(channel, {})
-        waiting.pop(conn, None)
+        joining = waiting.get(conn) is held
+        if joining:
+            del waiting[conn]
         if not waiting:
             self._held.pop(channel, None)
+        return joining
 
     @staticmethod
     def _flush(conn: Connection, group: str, held: list[Envelope], epoch: str, last: int) -> None:
-        """Offer what was held for `conn`, but what history already gave it (epoch, up to last)."""
+        """Offer what was held for `conn`, but what history already gave it (epoch, up to last). A
+        message without a position (a Channels app's, service/broker/channels_pubsub.py) is never
+        one of those, also when the join found no history and so no epoch ("")."""
         for envelope in held:
-            if envelope.epoch == epoch and envelope.offset <= last:
+            if envelope.offset and envelope.epoch == epoch and envelope.offset <= last:
                 continue  # the seam: history gave it already
             if conn.v1:
                 conn.offer(group_frame(group, envelope.frame, envelope.epoch, envelope.offset))
