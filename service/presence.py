@@ -119,8 +119,11 @@ class Presence:
         rule = self._rules.presence_for(channels.group_of(channel))
         if rule is None:
             return
+        local = self._local.setdefault(channel, {})
+        if conn.id in local:  # told twice (a join the hub abandoned in a leave-and-join race)
+            return
         arrival = Arrival(conn.id, conn.sub or "", self._claims(conn, rule))
-        self._local.setdefault(channel, {})[conn.id] = arrival
+        local[conn.id] = arrival
         self._queue(channel).arrivals[conn.id] = arrival
         metrics.PRESENCE_ENTRIES.inc()
 

@@ -21,6 +21,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from service import metrics
 from service.broker.memory import MemoryBroker, MemoryBus
 from service.connection import Connection
 from service.presence import Presence, PresenceOff
@@ -416,3 +417,23 @@ async def test_claims_past_the_cap_are_left_out_the_last_named_first() -> None:
 
 async def _send(message: dict[str, Any]) -> None:
     return None
+
+
+async def test_a_connection_told_twice_counts_once_and_one_leave_removes_it() -> None:
+    """The hub may report a join twice (a recovering join abandoned in a backend's leave-and-join
+    race): the entry, the store's counts and relay_presence_entries count it once."""
+    rules = GroupRules.parse({"group": [{"match": "*", "presence": "counts"}]})
+    presence = Presence(MemoryBroker(MemoryBus()), rules, settings())
+    presence.start()
+    entries = metrics.PRESENCE_ENTRIES._value.get()
+    try:
+        conn = Connection("p.1", _send, outbox_size=1, sub="ann")
+        presence.joined(conn, "g:{room}")
+        presence.joined(conn, "g:{room}")
+        assert metrics.PRESENCE_ENTRIES._value.get() == entries + 1
+        assert (await presence.read("room"))["connections"] == 1
+        presence.left(conn, "g:{room}")
+        assert metrics.PRESENCE_ENTRIES._value.get() == entries
+        assert (await presence.read("room"))["connections"] == 0
+    finally:
+        await presence.stop(1.0)
