@@ -242,8 +242,15 @@ def test_locust_smoke_profile_across_two_workers(pod: PodProcess, tmp_path: Path
     assert acc["lost"] == 0 and acc["duplicates"] == 0 and acc["order_violations"] == 0, acc
     assert acc["unique"] >= 0.9 * summary["published"] * 5  # ~5 members per group
     assert summary["latency"]["p99_ms"] < 500
-    if summary["valid"]:  # a busy CI machine may starve the generator: then the verdict is "invalid"
-        assert run.returncode == 0, run.stderr[-3000:]
+    # Locust exits 1 when any event failed: a busy machine may starve the generator for a second
+    # (a GEN failure) in a run that is valid as a whole; nothing else may fail.
+    failed = {
+        k: row["Failure Count"]
+        for k, row in rows.items()
+        if k[1] != "Aggregated" and row["Failure Count"] != "0"
+    }
+    assert set(failed) <= {("GEN", "generator lag (worst per second)")}, failed
+    assert run.returncode == (1 if failed else 0), run.stderr[-3000:]
 
 
 @pytest.mark.integration
