@@ -16,7 +16,8 @@ then silence), and reports per connection:
     .venv/bin/python -m loadtest.conn_memory --connections 10000 --trace-connections 2000 \
         --json docs/results/conn-memory-before.json
 
-`--broker redis` runs the pods on a redis-server started for the run (as `make bench` does);
+`--root PATH` measures the relay work tree at PATH (another commit, checked out elsewhere) with
+this script; `--broker redis` runs the pods on a redis-server started for the run (as `make bench` does);
 `--env KEY=VALUE` passes settings to the pods; `--browser-headers` adds the headers a browser sends
 (Origin, User-Agent, Sec-WebSocket-Extensions, ...) to every handshake.
 """
@@ -44,6 +45,7 @@ from loadtest.servers import ROOT, Servers, free_port, rss_bytes
 
 PACKAGES = ("uvicorn", "websockets", "starlette", "uvloop", "httptools", "structlog", "prometheus-client")
 STDLIB = os.path.dirname(os.__file__)
+MEASURED = [ROOT]  # the work tree whose `service` the pod runs (--root)
 BROWSER_HEADERS = (
     "Origin: http://127.0.0.1\r\n"
     "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -64,7 +66,7 @@ def library(filename: str) -> str:
         return "C / interpreter" if filename == "<unknown>" else "stdlib"
     if "site-packages" in filename:
         return filename.split("site-packages" + os.sep, 1)[1].split(os.sep, 1)[0].removesuffix(".py")
-    if filename.startswith(os.path.join(ROOT, "service")):
+    if filename.startswith(os.path.join(MEASURED[0], "service")):
         return "relay"
     if filename.startswith(os.path.join(STDLIB, "asyncio")):
         return "asyncio"
@@ -74,7 +76,7 @@ def library(filename: str) -> str:
 
 
 def short(filename: str) -> str:
-    for marker in ("site-packages" + os.sep, ROOT + os.sep, STDLIB + os.sep):
+    for marker in ("site-packages" + os.sep, MEASURED[0] + os.sep, ROOT + os.sep, STDLIB + os.sep):
         if marker in filename:
             return filename.split(marker, 1)[1]
     return filename
@@ -102,7 +104,8 @@ def type_counts() -> Counter[str]:
 
 
 class Probe:
-    """Answers the parent on stdin: `base` (remember now), `report` (what changed since base)."""
+    """Answers the parent on stdin: `count` (connections held), `base` (remember now), `report`
+    (what changed since base). Also times the collector's passes in between."""
 
     def __init__(self, pod: Any, trace: bool) -> None:
         self.pod = pod
@@ -110,16 +113,30 @@ class Probe:
         self.base: tracemalloc.Snapshot | None = None
         self.types: Counter[str] = Counter()
         self.blocks = 0
+        self.collections = [0, 0, 0]
+        self.gc_seconds = 0.0
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_seconds += time.perf_counter() - self._gc_started
 
     def handle(self, line: str) -> dict[str, Any]:
-        gc.collect()
         if line == "count":
             return {"connections": self.pod.hub.connection_count()}
+        collections = [g["collections"] for g in gc.get_stats()]
+        gc_seconds = self.gc_seconds
+        gc.collect()
         if line == "base":
             self.types = type_counts()
             self.blocks = sys.getallocatedblocks()
             if self.trace:
                 self.base = tracemalloc.take_snapshot()
+            self.collections = [g["collections"] for g in gc.get_stats()]
+            self.gc_seconds = 0.0
             return {"rss": rss_bytes(os.getpid())}
         types = type_counts() - self.types
         answer: dict[str, Any] = {
@@ -127,6 +144,14 @@ class Probe:
             "connections": self.pod.hub.connection_count(),
             "allocated_blocks": sys.getallocatedblocks() - self.blocks,
             "types": dict(types.most_common(40)),
+            "gc_while_connecting": {
+                "collections_by_generation": [
+                    a - b for a, b in zip(collections, self.collections, strict=True)
+                ],
+                "seconds": round(gc_seconds, 4),
+                "frozen_objects": gc.get_freeze_count(),
+                "thresholds": gc.get_threshold(),
+            },
         }
         if self.trace and self.base is not None:
             snapshot = tracemalloc.take_snapshot()
@@ -148,25 +173,41 @@ class Probe:
 
 
 async def serve(trace: int) -> None:
+    """The pod as `python -m service` runs it (`PodServer.serve`, whatever it does after start-up),
+    plus the probe."""
     from service.config import Settings
     from service.server import PodServer
 
-    server = PodServer(Settings.from_env())
-    await server.start()
+    settings = Settings.from_env()
+    server = PodServer(settings)
+    running = asyncio.get_running_loop().create_task(server.serve())
+    while True:  # until the pod accepts connections
+        try:
+            _, writer = await asyncio.open_connection(settings.host, settings.port)
+        except OSError:
+            if running.done():
+                await running  # re-raise why it stopped
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        break
     if trace:
         tracemalloc.start(trace)
     probe = Probe(server.pod, bool(trace))
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str] = asyncio.Queue()
     loop.add_reader(sys.stdin.fileno(), lambda: lines.put_nowait(sys.stdin.readline()))
-    print(json.dumps({"port": server.port}), flush=True)
+    print(json.dumps({"port": settings.port}), flush=True)
     while (line := (await lines.get()).strip()) not in ("", "quit"):
         print(json.dumps(probe.handle(line)), flush=True)
     loop.remove_reader(sys.stdin.fileno())
     await server.shutdown()
+    running.cancel()
 
 
-def serve_main(trace: int) -> None:
+def serve_main(trace: int, root: str) -> None:
+    sys.path.insert(0, root)  # relay's `service` from the work tree measured
+    MEASURED[0] = root
     import uvloop
 
     from service.logs import configure_logging
@@ -183,8 +224,9 @@ def serve_main(trace: int) -> None:
 class Pod:
     """A child pod and the line protocol to its probe."""
 
-    def __init__(self, env: dict[str, str], trace: int) -> None:
+    def __init__(self, env: dict[str, str], trace: int, root: str) -> None:
         argv = [sys.executable, "-m", "loadtest.conn_memory", "--serve", "--trace", str(trace)]
+        argv += ["--root", root]
         self.proc = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
@@ -247,8 +289,8 @@ async def wait_count(pod: Pod, n: int, timeout: float = 60) -> None:
         await asyncio.sleep(0.2)
 
 
-async def measure(env: dict[str, str], n: int, trace: int, extra: str) -> dict[str, Any]:
-    pod = Pod(env, trace)
+async def measure(env: dict[str, str], n: int, trace: int, extra: str, root: str) -> dict[str, Any]:
+    pod = Pod(env, trace, root)
     try:
         base = pod.ask("base")
         members = await connect(pod.port, n, extra)
@@ -264,6 +306,7 @@ async def measure(env: dict[str, str], n: int, trace: int, extra: str) -> dict[s
         "rss_kib_per_connection": round((after["rss"] - base["rss"]) / n / 1024, 2),
         "allocated_blocks_per_connection": round(after["allocated_blocks"] / n, 2),
         "objects_per_connection": {t: round(c / n, 2) for t, c in after["types"].items() if c >= n // 2},
+        "gc_while_connecting": after["gc_while_connecting"],
     }
     if "sites" in after:
         sites = after["sites"]
@@ -281,15 +324,16 @@ async def measure(env: dict[str, str], n: int, trace: int, extra: str) -> dict[s
     return result
 
 
-def git(*args: str) -> str:
+def git(root: str, *args: str) -> str:
     return subprocess.run(
-        ["git", "-C", ROOT, *args], capture_output=True, text=True, check=False
+        ["git", "-C", root, *args], capture_output=True, text=True, check=False
     ).stdout.strip()
 
 
 def print_summary(name: str, result: dict[str, Any]) -> None:
     print(f"{name}: {result['connections']} connections", flush=True)
     print(f"  RSS {result['rss_kib_per_connection']:.2f} KiB per connection", flush=True)
+    print(f"  gc while connecting: {result['gc_while_connecting']}", flush=True)
     if "traced_bytes_per_connection" in result:
         print(f"  traced {result['traced_bytes_per_connection']:.0f} B per connection:", flush=True)
         for lib, b in result["traced_by_library_per_connection"].items():
@@ -322,11 +366,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         runs: dict[str, Any] = {}
         if args.connections:
             env["RELAY_PORT"], env["RELAY_INTERNAL_PORT"] = str(free_port()), str(free_port())
-            runs["rss"] = await measure(env, args.connections, 0, extra)
+            runs["rss"] = await measure(env, args.connections, 0, extra, args.root)
             print_summary("RSS (no tracemalloc)", runs["rss"])
         if args.trace_connections:
             env["RELAY_PORT"], env["RELAY_INTERNAL_PORT"] = str(free_port()), str(free_port())
-            runs["traced"] = await measure(env, args.trace_connections, args.frames, extra)
+            runs["traced"] = await measure(env, args.trace_connections, args.frames, extra, args.root)
             print_summary("tracemalloc", runs["traced"])
     return runs
 
@@ -341,10 +385,11 @@ def main() -> None:
     p.add_argument("--broker", choices=("memory", "redis"), default="memory")
     p.add_argument("--browser-headers", action="store_true", help="send a browser's handshake headers")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a setting for the pods")
+    p.add_argument("--root", default=ROOT, help="the relay work tree to measure (default: this one)")
     p.add_argument("--json", help="write the result here")
     args = p.parse_args()
     if args.serve:
-        serve_main(args.trace)
+        serve_main(args.trace, args.root)
         return
     import uvloop
 
@@ -353,8 +398,9 @@ def main() -> None:
     result = {
         "command": ".venv/bin/python -m loadtest.conn_memory " + " ".join(sys.argv[1:]),
         "date": started,
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty_files": [line[3:] for line in git("status", "--porcelain").splitlines()],
+        "measured_tree": args.root,
+        "git_commit": git(args.root, "rev-parse", "HEAD"),
+        "git_dirty_files": [line[3:] for line in git(args.root, "status", "--porcelain").splitlines()],
         "versions": {"python": platform.python_version()}
         | {name: importlib.metadata.version(name) for name in PACKAGES},
         "client": "loadtest.engine.WsClient" + (" + browser headers" if args.browser_headers else ""),
