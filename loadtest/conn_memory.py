@@ -129,6 +129,7 @@ class Probe:
             return {"connections": self.pod.hub.connection_count()}
         collections = [g["collections"] for g in gc.get_stats()]
         gc_seconds = self.gc_seconds
+        rss_uncollected = rss_bytes(os.getpid())  # as `make bench` reads it: no collection forced
         gc.collect()
         if line == "base":
             self.types = type_counts()
@@ -141,6 +142,7 @@ class Probe:
         types = type_counts() - self.types
         answer: dict[str, Any] = {
             "rss": rss_bytes(os.getpid()),
+            "rss_uncollected": rss_uncollected,
             "connections": self.pod.hub.connection_count(),
             "allocated_blocks": sys.getallocatedblocks() - self.blocks,
             "types": dict(types.most_common(40)),
@@ -172,7 +174,7 @@ class Probe:
         return answer
 
 
-async def serve(trace: int) -> None:
+async def serve(trace: int, thresholds: list[int]) -> None:
     """The pod as `python -m service` runs it (`PodServer.serve`, whatever it does after start-up),
     plus the probe."""
     from service.config import Settings
@@ -191,6 +193,8 @@ async def serve(trace: int) -> None:
             continue
         writer.close()
         break
+    if thresholds:
+        gc.set_threshold(*thresholds)
     if trace:
         tracemalloc.start(trace)
     probe = Probe(server.pod, bool(trace))
@@ -205,7 +209,7 @@ async def serve(trace: int) -> None:
     running.cancel()
 
 
-def serve_main(trace: int, root: str) -> None:
+def serve_main(trace: int, root: str, thresholds: list[int]) -> None:
     sys.path.insert(0, root)  # relay's `service` from the work tree measured
     MEASURED[0] = root
     import uvloop
@@ -214,7 +218,7 @@ def serve_main(trace: int, root: str) -> None:
 
     configure_logging(True, "WARNING")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(trace))
+        runner.run(serve(trace, thresholds))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,9 +228,9 @@ def serve_main(trace: int, root: str) -> None:
 class Pod:
     """A child pod and the line protocol to its probe."""
 
-    def __init__(self, env: dict[str, str], trace: int, root: str) -> None:
+    def __init__(self, env: dict[str, str], trace: int, root: str, gc_threshold: str) -> None:
         argv = [sys.executable, "-m", "loadtest.conn_memory", "--serve", "--trace", str(trace)]
-        argv += ["--root", root]
+        argv += ["--root", root, "--gc-threshold", gc_threshold]
         self.proc = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
@@ -289,8 +293,10 @@ async def wait_count(pod: Pod, n: int, timeout: float = 60) -> None:
         await asyncio.sleep(0.2)
 
 
-async def measure(env: dict[str, str], n: int, trace: int, extra: str, root: str) -> dict[str, Any]:
-    pod = Pod(env, trace, root)
+async def measure(
+    env: dict[str, str], n: int, trace: int, extra: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    pod = Pod(env, trace, args.root, args.gc_threshold)
     try:
         base = pod.ask("base")
         members = await connect(pod.port, n, extra)
@@ -304,6 +310,9 @@ async def measure(env: dict[str, str], n: int, trace: int, extra: str, root: str
         "connections": n,
         "rss_growth_bytes": after["rss"] - base["rss"],
         "rss_kib_per_connection": round((after["rss"] - base["rss"]) / n / 1024, 2),
+        "rss_kib_per_connection_before_collect": round(
+            (after["rss_uncollected"] - base["rss"]) / n / 1024, 2
+        ),
         "allocated_blocks_per_connection": round(after["allocated_blocks"] / n, 2),
         "objects_per_connection": {t: round(c / n, 2) for t, c in after["types"].items() if c >= n // 2},
         "gc_while_connecting": after["gc_while_connecting"],
@@ -332,7 +341,11 @@ def git(root: str, *args: str) -> str:
 
 def print_summary(name: str, result: dict[str, Any]) -> None:
     print(f"{name}: {result['connections']} connections", flush=True)
-    print(f"  RSS {result['rss_kib_per_connection']:.2f} KiB per connection", flush=True)
+    print(
+        f"  RSS {result['rss_kib_per_connection']:.2f} KiB per connection "
+        f"({result['rss_kib_per_connection_before_collect']:.2f} before gc.collect())",
+        flush=True,
+    )
     print(f"  gc while connecting: {result['gc_while_connecting']}", flush=True)
     if "traced_bytes_per_connection" in result:
         print(f"  traced {result['traced_bytes_per_connection']:.0f} B per connection:", flush=True)
@@ -366,11 +379,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         runs: dict[str, Any] = {}
         if args.connections:
             env["RELAY_PORT"], env["RELAY_INTERNAL_PORT"] = str(free_port()), str(free_port())
-            runs["rss"] = await measure(env, args.connections, 0, extra, args.root)
+            runs["rss"] = await measure(env, args.connections, 0, extra, args)
             print_summary("RSS (no tracemalloc)", runs["rss"])
         if args.trace_connections:
             env["RELAY_PORT"], env["RELAY_INTERNAL_PORT"] = str(free_port()), str(free_port())
-            runs["traced"] = await measure(env, args.trace_connections, args.frames, extra, args.root)
+            runs["traced"] = await measure(env, args.trace_connections, args.frames, extra, args)
             print_summary("tracemalloc", runs["traced"])
     return runs
 
@@ -385,11 +398,12 @@ def main() -> None:
     p.add_argument("--broker", choices=("memory", "redis"), default="memory")
     p.add_argument("--browser-headers", action="store_true", help="send a browser's handshake headers")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a setting for the pods")
+    p.add_argument("--gc-threshold", default="", help="a,b,c: gc.set_threshold in the pods after start-up")
     p.add_argument("--root", default=ROOT, help="the relay work tree to measure (default: this one)")
     p.add_argument("--json", help="write the result here")
     args = p.parse_args()
     if args.serve:
-        serve_main(args.trace, args.root)
+        serve_main(args.trace, args.root, [int(t) for t in args.gc_threshold.split(",") if t])
         return
     import uvloop
 
