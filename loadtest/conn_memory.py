@@ -25,6 +25,7 @@ this script; `--broker redis` runs the pods on a redis-server started for the ru
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import contextlib
 import gc
@@ -85,18 +86,45 @@ def short(filename: str) -> str:
 LOOP = "uvloop (C: no Python frame)"
 
 
-def owner(traceback: tracemalloc.Traceback) -> tuple[str, str]:
-    """(site, library): the innermost frame outside the standard library, the code that asked.
-    Allocations with only the event loop's runner on the stack were made by uvloop's C code
+def owner(traceback: tracemalloc.Traceback) -> tuple[str, str, str]:
+    """(site, library, function): the innermost frame outside the standard library, the code that
+    asked. Allocations with only the event loop's runner on the stack were made by uvloop's C code
     (transports, sockets, handles), called from no Python code."""
     frames = list(traceback)  # oldest first
     for frame in reversed(frames):
         lib = library(frame.filename)
         if frame.filename == __file__ or frame.filename.endswith(os.path.join("loadtest", "conn_memory.py")):
-            return LOOP, LOOP
+            return LOOP, LOOP, LOOP
         if lib not in ("asyncio", "stdlib"):
-            return f"{short(frame.filename)}:{frame.lineno}", lib
-    return f"{short(frames[-1].filename)}:{frames[-1].lineno}", library(frames[-1].filename)
+            break
+    site = f"{short(frame.filename)}:{frame.lineno}"
+    return site, library(frame.filename), function_at(frame.filename, frame.lineno)
+
+
+_functions: dict[str, list[tuple[int, int, str]]] = {}
+
+
+def function_at(filename: str, lineno: int) -> str:
+    """The qualified name of the innermost function or class around `lineno` of `filename`."""
+    if filename not in _functions:
+        spans: list[tuple[int, int, str]] = []
+        try:
+            with open(filename) as f:
+                tree = ast.parse(f.read())
+        except (OSError, SyntaxError):
+            tree = ast.Module(body=[], type_ignores=[])
+
+        def walk(node: ast.AST, prefix: str) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                    name = prefix + child.name
+                    spans.append((child.lineno, child.end_lineno or child.lineno, name))
+                    walk(child, name + ".")
+
+        walk(tree, "")
+        _functions[filename] = spans
+    inside = [(start, name) for start, end, name in _functions[filename] if start <= lineno <= end]
+    return max(inside)[1] if inside else "<module>"
 
 
 def type_counts() -> Counter[str]:
@@ -157,19 +185,19 @@ class Probe:
         }
         if self.trace and self.base is not None:
             snapshot = tracemalloc.take_snapshot()
-            sites: dict[tuple[str, str, str], list[int]] = {}
+            sites: dict[tuple[str, str, str, str], list[int]] = {}
             for stat in snapshot.compare_to(self.base, "traceback"):
                 if stat.size_diff == 0 and stat.count_diff == 0:
                     continue
-                site, lib = owner(stat.traceback)
+                site, lib, function = owner(stat.traceback)
                 inner = stat.traceback[-1]
-                key = (site, f"{short(inner.filename)}:{inner.lineno}", lib)
+                key = (site, f"{short(inner.filename)}:{inner.lineno}", lib, function)
                 entry = sites.setdefault(key, [0, 0])
                 entry[0] += stat.size_diff
                 entry[1] += stat.count_diff
             answer["sites"] = [
-                {"site": s, "allocator": a, "library": lib, "bytes": b, "blocks": c}
-                for (s, a, lib), (b, c) in sorted(sites.items(), key=lambda kv: -kv[1][0])
+                {"site": s, "allocator": a, "library": lib, "function": fn, "bytes": b, "blocks": c}
+                for (s, a, lib, fn), (b, c) in sorted(sites.items(), key=lambda kv: -kv[1][0])
             ]
         return answer
 
@@ -325,6 +353,12 @@ async def measure(
             by_library[s["library"]] += s["bytes"]
         result["traced_bytes_per_connection"] = round(total / n, 1)
         result["traced_by_library_per_connection"] = {k: round(v / n, 1) for k, v in by_library.most_common()}
+        by_function: Counter[str] = Counter()
+        for s in sites:
+            by_function[f"{s['library']}: {s['function']}"] += s["bytes"]
+        result["traced_by_function_per_connection"] = {
+            k: round(v / n, 1) for k, v in by_function.most_common() if abs(v) >= n * 8
+        }
         result["traced_sites_per_connection"] = [
             {**s, "bytes": round(s["bytes"] / n, 1), "blocks": round(s["blocks"] / n, 2)}
             for s in sites
