@@ -203,14 +203,16 @@ class Probe:
 
 
 async def serve(trace: int, thresholds: list[int]) -> None:
-    """The pod as `python -m service` runs it (`PodServer.serve`, whatever it does after start-up),
-    plus the probe."""
+    """The pod as `python -m service` runs it (`service.server.serve`: `PodServer.serve` with
+    `settle_gc` after start-up where the tree has it), plus the probe."""
+    from service import server as module
     from service.config import Settings
-    from service.server import PodServer
 
     settings = Settings.from_env()
-    server = PodServer(settings)
-    running = asyncio.get_running_loop().create_task(server.serve())
+    server = module.PodServer(settings)
+    settle = getattr(module, "settle_gc", None)  # what `service.server.serve` runs after start-up
+    serving = server.serve(on_started=settle) if settle else server.serve()
+    running = asyncio.get_running_loop().create_task(serving)
     while True:  # until the pod accepts connections
         try:
             _, writer = await asyncio.open_connection(settings.host, settings.port)
