@@ -28,6 +28,12 @@ in docs/performance.md), keeping uvicorn's behaviour:
 - `shed` drops what uvicorn keeps of the handshake once the socket is accepted: the ASGI scope
   with its copy of the headers, websockets' request and response and their headers.
 
+Prepared frames (`write_text`): the hub offers one message's `str` to every member; the frame's
+bytes are built once (`text_frame`) and written to each member's transport, where uvicorn's `send`
+would have framed the text again per member. Only where the bytes would be the same: no
+permessage-deflate, not paused (a member with a backlog goes through `send` and its writer task),
+open, past the handshake. tests/test_transport.py holds the bytes equal to uvicorn's.
+
 tests/test_transport.py pins the uvicorn and websockets versions this was checked against and fails
 loudly when an upgrade changes what it relies on (the attributes, the source of the methods
 replaced here, the methods it calls).
@@ -42,6 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import OPEN
 
 from service.timers import wheel
 
@@ -219,6 +226,59 @@ class SansIOProtocol(WebSocketsSansIOProtocol):
 def protocol_for(ws_impl: str) -> type[Any] | str:
     """What to hand uvicorn's `ws=` for RELAY_WS_IMPL."""
     return SansIOProtocol if ws_impl == "websockets-sansio" else ws_impl
+
+
+def prepared(send: Callable[..., Any]) -> SansIOProtocol | None:
+    """The protocol under `send` when relay may write prepared frames to it (`write_text`)."""
+    protocol = _protocol(send)
+    return protocol if isinstance(protocol, SansIOProtocol) else None
+
+
+_recent: list[Any] = [None, b"", None, b""]  # the two latest (text, frame): a v1 form and a seed form
+
+
+def text_frame(text: str) -> bytes:
+    """The whole server frame for `text`: FIN, opcode text, not masked (RFC 6455 section 5.2), as
+    websockets builds it. The hub offers one message's `str` to every member in a row, so keeping
+    the two latest frames builds each once per message (twice where v1 and seed members mix)."""
+    recent = _recent
+    if recent[0] is text:
+        return recent[1]  # type: ignore[no-any-return]
+    if recent[2] is text:
+        return recent[3]  # type: ignore[no-any-return]
+    payload = text.encode()
+    n = len(payload)
+    if n < 126:
+        frame = bytes((0x81, n)) + payload
+    elif n < 65536:
+        frame = b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    else:
+        frame = b"\x81\x7f" + n.to_bytes(8, "big") + payload
+    recent[2], recent[3], recent[0], recent[1] = recent[0], recent[1], text, frame
+    return frame
+
+
+def write_text(protocol: SansIOProtocol, text: str) -> bool:
+    """Write `text` to the socket as a prepared frame, when uvicorn's `send` and websockets'
+    `send_text` would write exactly these bytes and nothing else: the transport is not paused,
+    the socket is open and past its handshake, no close sent, no extension (permessage-deflate
+    compresses per connection), no debug logging. Otherwise False, and nothing was done: the
+    caller goes through `send`, which also handles the cases that wait or raise."""
+    conn = protocol.conn
+    if (
+        protocol.writable._open  # type: ignore[attr-defined]
+        and protocol.handshake_complete
+        and not protocol.close_sent
+        and not protocol.disconnected
+        and protocol.initial_response is None
+        and conn._state is OPEN
+        and not conn.extensions
+        and not conn.expect_continuation_frame
+        and not conn.debug
+    ):
+        protocol.transport.write(text_frame(text))
+        return True
+    return False
 
 
 def shed(send: Callable[..., Any]) -> None:

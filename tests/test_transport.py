@@ -10,9 +10,12 @@ import hashlib
 import importlib.metadata
 import inspect
 import textwrap
+from typing import Any
 
 import pytest
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame, Opcode
+from websockets.server import ServerProtocol
 
 from service import transport
 from service.timers import Due
@@ -191,3 +194,98 @@ async def test_keepalive_pings_go_out_from_the_wheel_and_a_silent_peer_is_closed
         assert b"\x88\x18\x03\xf3keepalive ping timeout" in data  # then closed with 1011
         writer.close()
         await client.ws.close()
+
+
+# Prepared frames: the hub's one `str` per message becomes one frame's bytes, written to every
+# member's transport. They must be the very bytes uvicorn and websockets would write.
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_a_prepared_frame_is_what_websockets_serializes(size: int) -> None:
+    text = ("é" * size)[: max(0, size - 1)] + ("x" if size else "")
+    expected = Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+    assert transport.text_frame(text) == expected
+    assert transport.text_frame(text) is transport.text_frame(text)  # built once
+
+
+def test_the_two_latest_frames_are_kept() -> None:
+    seed, v1 = "".join(["{}"]), "".join(["{", "}"])  # equal, distinct objects: the cache is by identity
+    first = transport.text_frame(seed)
+    second = transport.text_frame(v1)
+    assert first is not second
+    assert transport.text_frame(seed) is first and transport.text_frame(v1) is second
+
+
+def test_what_write_text_reads_is_still_there() -> None:
+    """It checks uvicorn's and websockets' state before writing: if either renames what it checks,
+    this fails instead of relay writing frames where it must not."""
+    assert {"writable", "handshake_complete", "close_sent", "disconnected", "initial_response", "conn"} <= (
+        self_attributes_set(uvicorn_source())
+    )
+    protocol = ServerProtocol()
+    for name in ("_state", "extensions", "expect_continuation_frame", "debug"):
+        assert hasattr(protocol, name), name
+
+
+class Recorder:
+    """A transport stand-in that keeps what is written and passes everything on."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+        self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_prepared_frame_is_written_exactly_as_uvicorn_writes_it() -> None:
+    async with running_pod() as pod:
+        client = await join(ws_url(pod, "/g"))
+        (conn,) = pod.pod.hub.connections
+        protocol = conn.send.__self__  # type: ignore[attr-defined]
+        recorder = Recorder(protocol.transport)
+        protocol.transport = recorder
+        text = '{"message":{"n":"' + "ü" * 200 + '"}}'
+        await conn.send({"type": "websocket.send", "text": text})  # uvicorn's own path
+        assert transport.write_text(protocol, text)
+        assert len(recorder.written) == 2 and recorder.written[0] == recorder.written[1]
+        assert await client.ws.recv() == text and await client.ws.recv() == text
+        protocol.writable.clear()  # paused: uvicorn's send would wait, so write_text does nothing
+        assert not transport.write_text(protocol, text)
+        protocol.writable.set()
+        protocol.transport = recorder.inner
+        await client.ws.close()
+
+
+async def test_group_messages_go_out_prepared_and_fall_back_under_permessage_deflate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seed and v1 members of one group get the frame built for their form, without websockets'
+    send_text; a member that negotiated permessage-deflate gets it through uvicorn's send."""
+    sent_text: list[bytes] = []
+    original = ServerProtocol.send_text
+
+    def counting(self: ServerProtocol, data: bytes, fin: bool = True) -> None:
+        sent_text.append(bytes(data))
+        original(self, data, fin)
+
+    monkeypatch.setattr(ServerProtocol, "send_text", counting)
+    async with running_pod(ws_compression=True) as pod:
+        plain = [await join(ws_url(pod, "/g"), compression=None) for _ in range(3)]
+        v1 = await join(ws_url(pod, "/g"), compression=None, subprotocols=["relay.v1"])
+        deflate = await join(ws_url(pod, "/g"))  # the websockets client offers permessage-deflate
+        assert deflate.ws.protocol.extensions, "the client did not negotiate permessage-deflate"
+        sent_text.clear()
+        body = await plain[0].publish("g", n=1)
+        for client in plain:
+            assert await client.next() == {"message": body}
+        assert await deflate.next() == {"message": body}
+        got = await v1.next()
+        assert got["message"] == body and got["group"] == "g"
+        assert len(sent_text) == 1  # only the deflate member went through websockets
+        for client in (*plain, v1, deflate):
+            await client.ws.close()
