@@ -115,6 +115,27 @@ def _limit(step: dict[str, Any], target: Target) -> str:
 
 
 CONFIRM_TRIES = 3
+QUIET_SHARE = 0.05  # of one core, over a second: the servers are done with the last shape
+SETTLE_LIMIT_S = 180.0
+
+
+def settle(pids: Sequence[int], limit: float = SETTLE_LIMIT_S) -> float:
+    """Wait until every server of the run is quiet; the seconds waited (capped at `limit`).
+
+    A server can go on working long after its shape's clients left (the reference apps take minutes
+    to tear down 5,000 consumers): measured beside the next target, that work would be charged to
+    the machine as noise. So each measurement starts once all of them use under 5% of a core.
+    """
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit:
+        before = sum(cpu_seconds(p) for p in pids)
+        time.sleep(1.0)
+        if sum(cpu_seconds(p) for p in pids) - before < QUIET_SHARE:
+            break
+    waited = round(time.perf_counter() - started, 1)
+    if waited > 1.5:
+        print(f"  (waited {waited} s for every server to go quiet)", flush=True)
+    return waited
 
 
 async def _step(
@@ -323,9 +344,12 @@ def one_run(args: argparse.Namespace) -> dict[str, Any] | None:
         if args.only:
             keep = {t.strip() for t in args.only.split(",")}
             targets = [t for t in targets if t.name in keep]
+        everyone = [s.pid for t in targets for s in t.servers] + [redis.pid]
         print(f"shape: {idle_n} idle connections in one group, on fresh servers", flush=True)
         for target in targets:
+            waited = settle(everyone)
             fresh = results["idle_fresh"][target.name] = _run(idle(target, idle_n, args.broadcasts))
+            fresh["settle_s"] = waited
             print(f"  {target.name:>15}: {fresh['kib_per_connection']:.1f} KiB/conn", flush=True)
         shapes = [
             ("groups", Shape.uniform(subs, 100 if not args.quick else 20)),
@@ -335,11 +359,13 @@ def one_run(args: argparse.Namespace) -> dict[str, Any] | None:
             print(f"shape: {shape.name}", flush=True)
             for target in targets:
                 rates = RATES[(key, target.kind)]
+                waited = settle(everyone)
                 r = _run(ramp(target, shape, key, redis, seconds, [float(x) for x in rates]))
-                results["ramps"].append(r.__dict__)
+                results["ramps"].append(r.__dict__ | {"settle_s": waited})
         print(f"shape: {idle_n} idle connections in one group, after the ramps", flush=True)
         for target in targets:
-            res = _run(idle(target, idle_n, args.broadcasts))
+            waited = settle(everyone)
+            res = _run(idle(target, idle_n, args.broadcasts)) | {"settle_s": waited}
             results["idle"][target.name] = res
             print(
                 f"  {target.name:>15}: {res['connect_per_s']:.0f} conn/s, "

@@ -72,6 +72,11 @@ def figures(run: dict[str, Any]) -> dict[str, float | None]:
         f"max msg/s, {shapes[0] if shapes else '100 groups'}: {t}": max_rate(0, t)
         for t in ("relay 1 pod", "relay 2 pods", "Django Channels", "Django async pubsub", LIMIT)
     }
+    for t in ("relay 1 pod", "Django Channels", "Django async pubsub", LIMIT):
+        r = ramps.get((shapes[0], t)) if shapes else None
+        out[f"server CPU µs per delivery at its max, {shapes[0] if shapes else ''}: {t}"] = (
+            _cpu_at_max(r) if r else None
+        )
     one = ramps.get((shapes[1], "relay 1 pod")) if len(shapes) > 1 else None
     at50 = [s for s in one["steps"] if s["rate"] == 50 and s["summary"]["ok"]] if one else []
     out["one group: relay 1 pod max msg/s"] = float(one["max_rate"]) if one else None
@@ -132,6 +137,10 @@ def readme_block(med: dict[str, float | None], commit: str, runs: int) -> str:
     def fig(key: str, digits: int = 0) -> str:
         return _fmt(med.get(key), digits=digits)
 
+    cpu = groups.replace("max msg/s", "server CPU µs per delivery at its max")
+    ours, limit = med.get(cpu), med.get(cpu.replace("relay 1 pod", LIMIT))
+    per_delivery = f"{ours / limit:.1f}x" if ours and limit else "n/a"
+
     return "\n".join(
         [
             README_START,
@@ -139,7 +148,8 @@ def readme_block(med: dict[str, float | None], commit: str, runs: int) -> str:
             f"{commit[:7]}, [docs/benchmarks.md](docs/benchmarks.md)):",
             f"  {_fmt(relay)} messages/s to 1,000 subscribers in 100 groups: {times('Django Channels')} the "
             f"Django Channels app it replaces, {times('Django async pubsub')} the best async Django "
-            f"configuration, {times(LIMIT)} of the Python limit (asyncio + uvloop alone);",
+            f"configuration; {fig(cpu, 1)} µs of server CPU per delivery there, {per_delivery} the "
+            f"Python limit's {fig(cpu.replace('relay 1 pod', LIMIT), 1)} µs (asyncio + uvloop alone);",
             f"  a broadcast reaches the last of 5,000 members in "
             f"{fig('relay 1 pod: broadcast to the last idle member (ms)')} ms "
             f"({fig(LIMIT + ': broadcast to the last idle member (ms)')} ms for the Python limit); "
@@ -180,6 +190,8 @@ def write_report(runs: list[dict[str, Any]], out: str, argv: Sequence[str] = ())
         f"cores, so absolute numbers are noisy: quote medians over the {len(runs)} runs and ratios of "
         f"them. A run took {statistics.median(r['seconds'] for r in runs) / 60:.1f} minutes. A ramp step "
         "that fails is repeated and passes on 2 of 3 tries; the broadcast times are medians of 5 broadcasts. "
+        "Every server of a run stays up through it, so each shape starts only once all of them use "
+        "under 5% of a core (the wait is `settle_s` in the raw results). "
         "Raw results of each run: `docs/results/bench/run-*.json`.",
         "",
         "## Machine, command, commit and versions",

@@ -19,6 +19,7 @@ from service import metrics, protocol
 from service.broker import BrokerUnavailable
 from service.config import split
 from service.pod import Pod
+from service.presence import PresenceOff
 
 
 def error(status: int, outcome: str, code: str, detail: str) -> Response:
@@ -100,4 +101,29 @@ def api_routes(pod: Pod) -> list[Route]:
         metrics.API_REQUESTS.labels("accepted").inc()
         return JSONResponse(answer, status_code=202)
 
-    return [Route("/api/publish", publish, methods=["POST"])]
+    async def presence(request: Request) -> Response:
+        refused = authorized(request, keys)
+        if refused is not None:
+            return refused
+        group = request.path_params["group"]
+        if protocol.GROUP_NAME.fullmatch(group) is None:
+            return error(400, "bad_request", "invalid_group", "group: 1-99 of A-Za-z0-9 . _ -")
+        raw = request.query_params.get("limit")
+        most = pod.presence.max_members
+        if raw is not None and not (raw.isdigit() and 1 <= int(raw) <= most):
+            return error(
+                400, "bad_request", "bad_request", f"?limit= must be a whole number from 1 to {most}"
+            )
+        try:
+            answer = await pod.presence.read(group, int(raw) if raw is not None else None)
+        except PresenceOff:
+            return error(404, "not_found", "presence_off", f"group {group!r} keeps no presence (no rule)")
+        except BrokerUnavailable:
+            return error(503, "broker_error", "broker_unavailable", "the broker is unreachable; retry later")
+        metrics.API_REQUESTS.labels("accepted").inc()
+        return Response(orjson.dumps(answer), media_type="application/json")
+
+    return [
+        Route("/api/publish", publish, methods=["POST"]),
+        Route("/api/presence/{group:path}", presence, methods=["GET"]),
+    ]

@@ -14,7 +14,7 @@ join, exact names or globs such as `chat.*`), `publish` (groups it may publish t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,8 @@ class Identity:
     direct: bool
     expires_at: float | None  # wall-clock seconds (the token's exp)
     issued_at: float | None = None  # wall-clock seconds (the token's iat): a revocation spares later tokens
+    # Every claim of the token, for the few a presence rule shows beside the user (docs/presence.md).
+    claims: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def may_join(self, group: str) -> bool:
         return any(fnmatchcase(group, pattern) for pattern in self.groups)
@@ -162,6 +164,7 @@ def _identity(claims: dict[str, Any]) -> Identity:
         direct=claims.get("direct") is True,
         expires_at=float(exp) if isinstance(exp, int | float) else None,
         issued_at=float(iat) if isinstance(iat, int | float) and 0 <= iat <= MAX_EXP else None,
+        claims=claims,
     )
 
 

@@ -176,6 +176,25 @@ class Settings:
         "RELAY_GROUP_RULES_FILE",
         "TOML or JSON file of per-group rules (history, latest value): docs/history.md; empty: none",
     )
+    presence_ttl: float = _setting(
+        60.0,
+        "RELAY_PRESENCE_TTL",
+        "seconds a presence entry outlives its pod's last refresh (refreshed every third of it): how "
+        "long a crashed pod's members linger at most (docs/presence.md)",
+    )
+    presence_grace: float = _setting(
+        5.0,
+        "RELAY_PRESENCE_GRACE",
+        "seconds after a user's last connection left before their leave event (a reload within it: none)",
+    )
+    presence_max_members: int = _setting(
+        1000, "RELAY_PRESENCE_MAX_MEMBERS", "most members one presence answer lists (more: truncated)"
+    )
+    presence_claims_bytes: int = _setting(
+        256,
+        "RELAY_PRESENCE_CLAIMS_BYTES",
+        "most bytes of JSON claims shown per member; claims past it are left out, last first",
+    )
     channels_pubsub_urls: str = _setting(
         "",
         "RELAY_CHANNELS_PUBSUB_URLS",
@@ -270,6 +289,10 @@ class Settings:
         self._check(
             "redis_prefix", REDIS_PREFIX.fullmatch(self.redis_prefix) is not None, "1-64 of A-Za-z0-9_.-"
         )
+        self._check("presence_ttl", 0.1 <= self.presence_ttl <= 86400, "0.1 to 86400 seconds")
+        self._check("presence_grace", 0 <= self.presence_grace <= 3600, "0 to 3600 seconds")
+        self._check("presence_max_members", 1 <= self.presence_max_members <= 100_000, "1 to 100000")
+        self._check("presence_claims_bytes", 2 <= self.presence_claims_bytes <= 65536, "2 to 65536")
         for name in ("redis_timeout", "redis_probe_interval", "redis_backoff_max"):
             self._check(name, getattr(self, name) > 0, "more than 0")
         for name in (

@@ -88,6 +88,7 @@ class Connection:
         "_outbox_size",
         "_wire",
         "_writer",
+        "claims",
         "close_code",
         "closed_at",
         "frames_in",
@@ -111,9 +112,11 @@ class Connection:
         outbox_max_age: float = float("inf"),
         v1: bool = False,
         sub: str | None = None,
+        claims: dict[str, Any] | None = None,
     ) -> None:
         self.id = conn_id
         self.sub = sub  # the token's user, for the server API's commands by user
+        self.claims = claims or {}  # the token's claims, for the ones presence shows
         self.v1 = v1  # speaks protocol v1: group messages say their group
         self.state = State.OPEN
         self.groups: set[str] = set()  # broker channels this connection is a member of

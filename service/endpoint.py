@@ -29,6 +29,7 @@ from service.hub import Joined, TooManyGroups
 from service.limits import TokenBucket
 from service.logs import exception_summary
 from service.pod import Pod
+from service.presence import PresenceOff
 from service.protocol import (
     SUBPROTOCOL,
     CloseCode,
@@ -36,6 +37,7 @@ from service.protocol import (
     ErrorCode,
     Join,
     Leave,
+    PresenceQuery,
     Rejected,
     SendToChannel,
     SendToGroup,
@@ -164,6 +166,7 @@ class Endpoint:
             outbox_max_age=s.outbox_max_age or float("inf"),
             v1=v1,
             sub=identity.sub,
+            claims={k: v for k, v in identity.claims.items() if k in self._pod.rules.claims_shown},
         )
         expiry = None
         if identity.expires_at is not None:  # on the loop's one timer for many deadlines, not a timer each
@@ -313,9 +316,18 @@ class Endpoint:
 
                 await hub.join(conn, command.group, command.since, acknowledge)
                 return "joined", None
+            if isinstance(command, PresenceQuery):
+                if not identity.may_join(command.group):
+                    return "forbidden", ("forbidden", "token does not allow this group")
+                return "presence", {"presence": await self._pod.presence.read(command.group)}
             assert isinstance(command, Leave)
             await hub.leave(conn, command.group)
             return "left", {}
+        except PresenceOff:
+            return "presence_off", (
+                "presence_off",
+                "the group keeps no presence (no presence rule matches it)",
+            )
         except TooManyGroups as exc:
             return "too_many_groups", ("too_many_groups", str(exc))
         except BrokerUnavailable:

@@ -27,6 +27,7 @@ from service import channels, metrics
 from service.broker import RESYNC, Broker, BrokerUnavailable, Envelope, History, Position, Retention
 from service.connection import Connection
 from service.limits import KeyedLock
+from service.presence import Presence
 from service.protocol import GROUP_NAME, Since, group_frame, pod_of
 from service.rules import GroupRule, GroupRules
 from service.sequencer import Sequencer
@@ -62,9 +63,16 @@ class Hub:
     """Local membership and fan-out for one pod."""
 
     def __init__(
-        self, broker: Broker, pod_id: str, *, max_groups: int = 100, rules: GroupRules | None = None
+        self,
+        broker: Broker,
+        pod_id: str,
+        *,
+        max_groups: int = 100,
+        rules: GroupRules | None = None,
+        presence: Presence | None = None,
     ) -> None:
         self.pod_id = pod_id
+        self._presence = presence  # told of joins and leaves in groups that keep presence
         self._broker = broker
         self._max_groups = max_groups
         self._rules = rules or GroupRules([])
@@ -105,10 +113,6 @@ class Hub:
         own channel carry the server API's commands and answers, service/control.py)."""
         self._listeners[channel] = callback
 
-    def user_connections(self, sub: str) -> list[Connection]:
-        """This pod's connections whose token has `sub` (a scan: server API commands are rare)."""
-        return [conn for conn in self._connections.values() if conn.sub == sub]
-
     def connection(self, conn_id: str) -> Connection | None:
         return self._connections.get(conn_id)
 
@@ -145,11 +149,14 @@ class Hub:
         rule = self._rules.history_for(group)
         members = await self._subscribed(channel, rule)
         if rule is not None:
-            return await self._join_history(conn, group, channel, rule, since, on_joined)
-        members.add(conn)
-        conn.groups.add(channel)
-        joined = Joined()
-        on_joined(joined)
+            joined = await self._join_history(conn, group, channel, rule, since, on_joined)
+        else:
+            members.add(conn)
+            conn.groups.add(channel)
+            joined = Joined()
+            on_joined(joined)
+        if self._presence is not None and channel in conn.groups:
+            self._presence.joined(conn, channel)
         return joined
 
     async def _subscribed(self, channel: str, rule: GroupRule | None) -> set[Connection]:
@@ -199,8 +206,8 @@ class Hub:
         except BrokerUnavailable:
             pass
         finally:
-            self._release(channel, conn)
-        if channel not in conn.groups:  # it left, or its socket went, while history was read
+            joining = self._release(channel, conn, held)
+        if not joining:  # it left, or its socket went, while history was read (and may be back)
             return Joined()
         if history is not None:
             self._sequencer.begin(channel, history.epoch, history.top)
@@ -221,18 +228,24 @@ class Hub:
         self._flush(conn, group, held, epoch, last)
         return joined
 
-    def _release(self, channel: str, conn: Connection) -> None:
-        """Stop holding live messages for `conn` (it joined, or gave up)."""
+    def _release(self, channel: str, conn: Connection, held: list[Envelope]) -> bool:
+        """Stop holding live messages for `conn` in `held` (it joined, or gave up). False when that
+        was no longer this join's to do: `conn` left meanwhile, and a join since holds its own."""
         waiting = self._held.get(channel, {})
-        waiting.pop(conn, None)
+        joining = waiting.get(conn) is held
+        if joining:
+            del waiting[conn]
         if not waiting:
             self._held.pop(channel, None)
+        return joining
 
     @staticmethod
     def _flush(conn: Connection, group: str, held: list[Envelope], epoch: str, last: int) -> None:
-        """Offer what was held for `conn`, but what history already gave it (epoch, up to last)."""
+        """Offer what was held for `conn`, but what history already gave it (epoch, up to last). A
+        message without a position (a Channels app's, service/broker/channels_pubsub.py) is never
+        one of those, also when the join found no history and so no epoch ("")."""
         for envelope in held:
-            if envelope.epoch == epoch and envelope.offset <= last:
+            if envelope.offset and envelope.epoch == epoch and envelope.offset <= last:
                 continue  # the seam: history gave it already
             if conn.v1:
                 conn.offer(group_frame(group, envelope.frame, envelope.epoch, envelope.offset))
@@ -252,6 +265,8 @@ class Hub:
         if members is None or conn not in members:
             return
         members.discard(conn)
+        if self._presence is not None:
+            self._presence.left(conn, channel)
         if members:
             return
         async with self._locks.hold(channel):
@@ -321,7 +336,9 @@ class Hub:
             elif conn.offer(envelope.frame):
                 metrics.MESSAGES_SENT.inc()
             return
-        if envelope.offset:
+        if envelope.event:
+            self._fan_out_event(envelope)
+        elif envelope.offset:
             self._sequencer.accept(envelope)  # in order, once; it calls _fan_out
         elif envelope is RESYNC:
             self._sequencer.resync()
@@ -348,6 +365,14 @@ class Hub:
         except (TooManyGroups, BrokerUnavailable) as exc:
             log.warning("hub.control_refused", conn_id=conn.id, verb=verb, error=type(exc).__name__)
             return "refused"
+
+    def _fan_out_event(self, envelope: Envelope) -> None:
+        """A presence event: to v1 members only. A seed client would take it for a message."""
+        sent = 0
+        for conn in self._members.get(envelope.channel, ()):
+            if conn.v1:
+                sent += conn.offer(envelope.frame)
+        metrics.PRESENCE_EVENTS.inc(sent)
 
     def _fan_out(self, envelope: Envelope) -> None:
         members = self._members.get(envelope.channel)

@@ -40,7 +40,7 @@ DISCONNECTS = Counter(
 GROUPS = Gauge("relay_groups", "Groups with at least one member on this pod")
 RECEIVED_OUTCOMES = (
     "published", "direct", "joined", "left", "forbidden", "unknown_channel", "too_many_groups",
-    "broker_error", "too_large", "rate_limited", "binary",
+    "broker_error", "too_large", "rate_limited", "binary", "presence", "presence_off",
     # frames the protocol rejects (protocol.RejectReason)
     "bad_json", "not_object", "unknown_task", "invalid_group", "invalid_channel", "bad_ref", "bad_since",
 )  # fmt: skip
@@ -206,6 +206,22 @@ EPOCH_CHANGES = Counter(
     "Times a group's history epoch changed under this pod: its history was lost (expired, Redis emptied)",
 )
 
+# Presence (groups with a presence rule); see docs/presence.md.
+PRESENCE_WRITES = ("write", "refresh")
+PRESENCE_FAILURES = Counter(
+    "relay_presence_failures",
+    "Presence writes to the broker that failed (put right by the next refresh), by kind",
+    ["kind"],
+)
+PRESENCE_REPAIRED = Counter(
+    "relay_presence_repaired",
+    "Presence entries a refresh found missing from the broker (an outage, Redis emptied) and added again",
+)
+PRESENCE_ENTRIES = Gauge(
+    "relay_presence_entries", "This pod's (connection, group) presence entries, refreshed every TTL/3"
+)
+PRESENCE_EVENTS = Counter("relay_presence_events_sent", "Presence join/leave frames handed to v1 members")
+
 # Every labelled counter above with every value it can take (the label sets of each, in one place).
 LABEL_VALUES: dict[Counter, tuple[str, ...]] = {
     CONNECTIONS_REJECTED: REJECT_REASONS,
@@ -221,6 +237,7 @@ LABEL_VALUES: dict[Counter, tuple[str, ...]] = {
     HISTORY_READS: READ_PURPOSES,
     RECOVERIES: RECOVERY_RESULTS,
     GAP_MESSAGES: GAP_OUTCOMES,
+    PRESENCE_FAILURES: PRESENCE_WRITES,
 }
 
 

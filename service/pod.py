@@ -25,6 +25,7 @@ from service.config import Settings, split
 from service.control import Control
 from service.hub import Hub
 from service.limits import Quotas
+from service.presence import Presence
 from service.protocol import CloseCode
 from service.revocations import Revocations
 from service.rules import GroupRules
@@ -42,7 +43,10 @@ class Pod:
         self.settings = settings
         self.broker = broker
         self.rules = rules if rules is not None else GroupRules.load(settings.group_rules_file)
-        self.hub = Hub(broker, settings.pod_id, max_groups=settings.max_groups, rules=self.rules)
+        self.presence = Presence(broker, self.rules, settings)
+        self.hub = Hub(
+            broker, settings.pod_id, max_groups=settings.max_groups, rules=self.rules, presence=self.presence
+        )
         self.auth = Authenticator(settings)  # reads key files now: a bad one stops start-up
         self.allowed_origins = split(settings.allowed_origins)
         self.quotas = Quotas(
@@ -66,6 +70,7 @@ class Pod:
     async def start(self) -> None:
         await self.hub.start()
         await self.control.start()
+        self.presence.start()
         loop = asyncio.get_running_loop()
         self._run = loop.create_task(self.hub.run(), name="hub.run")
         self._reaper = loop.create_task(self._reap(), name="pod.reaper")
@@ -185,6 +190,8 @@ class Pod:
         self._stopping = True
         if self._reaper is not None:
             self._reaper.cancel()
+        # Whatever presence this pod still holds goes at once, not at the TTL (docs/presence.md).
+        await self.presence.stop(self.settings.redis_timeout)
         await self.broker.close()
         if self._run is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):

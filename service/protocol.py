@@ -105,7 +105,15 @@ class Rejected:
     ref: Ref = None
 
 
-Command = SendToGroup | SendToChannel | Join | Leave
+@dataclass(frozen=True, slots=True)
+class PresenceQuery:
+    """v1 `presence`: who is in a group that keeps presence (docs/presence.md)."""
+
+    group: str
+    ref: Ref = None
+
+
+Command = SendToGroup | SendToChannel | Join | Leave | PresenceQuery
 
 
 def decode(text: str) -> Command | Rejected:
@@ -120,7 +128,7 @@ def decode(text: str) -> Command | Rejected:
     if ref is not None and not _valid_ref(ref):
         return Rejected("bad_ref")
     task = obj.get("task")
-    if task in ("send_message_to_group", "join", "leave"):
+    if task in ("send_message_to_group", "join", "leave", "presence"):
         group = obj.get("group_name")
         if not isinstance(group, str) or GROUP_NAME.fullmatch(group) is None:
             return Rejected("invalid_group", ref)
@@ -132,6 +140,8 @@ def decode(text: str) -> Command | Rejected:
             return Join(group, ref, parsed) if parsed is not None else Rejected("bad_since", ref)
         if task == "leave":
             return Leave(group, ref)
+        if task == "presence":
+            return PresenceQuery(group, ref)
         key = obj.get("idempotency_key")
         if not (isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH):
             key = None
@@ -201,6 +211,7 @@ ErrorCode = Literal[
     "broker_unavailable",
     "unknown_channel",
     "bad_since",
+    "presence_off",
 ]
 
 

@@ -6,15 +6,19 @@
     history = 100             # messages kept per group (1-100000); recovery and gap fill reach this far
     ttl = 300                 # seconds the history lives after the group's last message
     latest = false            # true: a member that joins first receives the group's latest message
+    presence = "off"          # "counts": connections and distinct users; "full": also who (docs/presence.md)
+    presence_events = false   # true: v1 members get user-level join/leave events
+    presence_claims = []      # "full": token claims shown with each member, e.g. ["name", "avatar"]
 
-A group that no rule matches keeps no history: its messages carry no position and cost one PUBLISH,
-as before. Every error in the file stops the pod at start-up with the file, the rule and the field
-named, like the settings do.
+A group that no rule matches keeps no history and no presence: its messages carry no position and
+cost one PUBLISH, as before. Every error in the file stops the pod at start-up with the file, the
+rule and the field named, like the settings do.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -25,7 +29,10 @@ from service.config import SettingsError
 
 MAX_HISTORY = 100_000
 MAX_TTL = 30 * 24 * 3600.0
-FIELDS = {"match", "history", "ttl", "latest"}
+FIELDS = {"match", "history", "ttl", "latest", "presence", "presence_events", "presence_claims"}
+PRESENCE_MODES = ("off", "counts", "full")
+MAX_PRESENCE_CLAIMS = 16
+CLAIM_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +43,17 @@ class GroupRule:
     history: int  # messages kept; 0 for none
     ttl: float  # seconds after the last message
     latest: bool  # send the latest message to every member that joins
+    presence: str = "off"  # off | counts | full
+    presence_events: bool = False  # user-level join/leave events to v1 members
+    presence_claims: tuple[str, ...] = ()  # claims shown with each member (full)
 
     @property
     def keeps_history(self) -> bool:
         return self.history > 0
+
+    @property
+    def keeps_presence(self) -> bool:
+        return self.presence != "off"
 
 
 class GroupRules:
@@ -48,6 +62,8 @@ class GroupRules:
     def __init__(self, rules: list[GroupRule]) -> None:
         self.rules = tuple(rules)
         self._cache: dict[str, GroupRule | None] = {}
+        # Every claim some rule shows: a connection keeps only these of its token (not all of it).
+        self.claims_shown = frozenset(c for r in self.rules for c in r.presence_claims)
 
     def for_group(self, group: str) -> GroupRule | None:
         try:
@@ -76,6 +92,11 @@ class GroupRules:
         """The matching rule if it keeps history, else None."""
         rule = self.for_group(group)
         return rule if rule is not None and rule.keeps_history else None
+
+    def presence_for(self, group: str) -> GroupRule | None:
+        """The matching rule if it keeps presence, else None."""
+        rule = self.for_group(group)
+        return rule if rule is not None and rule.keeps_presence else None
 
     @classmethod
     def load(cls, path: str) -> GroupRules:
@@ -125,4 +146,32 @@ def _rule(entry: Any, where: str) -> GroupRule:
     ttl = entry.get("ttl", 300)
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL:
         raise SettingsError(f"{where} ({match}): `ttl` must be a number of seconds from 1 to {int(MAX_TTL)}")
-    return GroupRule(match=match, history=history, ttl=float(ttl), latest=latest)
+    presence = entry.get("presence", "off")
+    if presence not in PRESENCE_MODES:
+        raise SettingsError(f'{where} ({match}): `presence` must be "off", "counts" or "full"')
+    events = entry.get("presence_events", False)
+    if not isinstance(events, bool):
+        raise SettingsError(f"{where} ({match}): `presence_events` must be true or false")
+    if events and presence == "off":
+        raise SettingsError(f'{where} ({match}): `presence_events` needs `presence` "counts" or "full"')
+    claims = entry.get("presence_claims", [])
+    if (
+        not isinstance(claims, list)
+        or len(claims) > MAX_PRESENCE_CLAIMS
+        or not all(isinstance(c, str) and CLAIM_NAME.fullmatch(c) for c in claims)
+    ):
+        raise SettingsError(
+            f"{where} ({match}): `presence_claims` must be a list of at most {MAX_PRESENCE_CLAIMS} claim "
+            "names (1-64 of A-Za-z0-9 _ . : -)"
+        )
+    if claims and presence != "full":
+        raise SettingsError(f'{where} ({match}): `presence_claims` needs `presence = "full"`')
+    return GroupRule(
+        match=match,
+        history=history,
+        ttl=float(ttl),
+        latest=latest,
+        presence=presence,
+        presence_events=events,
+        presence_claims=tuple(claims),
+    )

@@ -112,12 +112,19 @@ class PodServer:
                 await asyncio.gather(*self._tasks)  # re-raise a start-up failure
                 raise RuntimeError("relay server stopped during start-up")
             await asyncio.sleep(0.01)
+        # Which groups keep presence, and which of them send events: said once, so neither is a surprise.
+        presence = {
+            r.match: r.presence + (" with events" if r.presence_events else "")
+            for r in self.pod.rules.rules
+            if r.keeps_presence
+        }
         log.info(
             "pod.started",
             pod=s.pod_id,
             websocket=f"ws://{s.host}:{self.port}/<group>",
             internal=f"http://{s.internal_host}:{self.internal_port}",
             broker=s.broker_url.partition("://")[0],
+            **({"presence": presence} if presence else {}),
         )
 
     async def wait(self) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from service.auth import ANONYMOUS, Authenticator, AuthError, origin_allowed, token_from
+from service.auth import ANONYMOUS, MAX_EXP, Authenticator, AuthError, origin_allowed, origin_of, token_from
 from service.config import Settings, SettingsError
 from service.protocol import CloseCode
 from tests import tokens
@@ -326,3 +326,37 @@ def test_leeway_and_an_audience_the_pod_does_not_check() -> None:
     just_expired = tokens.hs256(exp=int(time.time()) - 2)
     assert hs_auth(jwt_leeway=30).authenticate(just_expired).sub == "alice"  # clock skew allowed
     assert hs_auth().authenticate(tokens.hs256(aud="someone")).sub == "alice"  # no audience configured
+
+
+# RELAY_JWT_LEEWAY has no upper bound, and PyJWT compares exp and iat with the clock only within it:
+# with this much (about 31,700 years) it lets any exp or iat of a real token through, so the range
+# relay keeps for both, 1970 to the end of the year 9999, is relay's own check.
+LENIENT = 10**12
+
+
+def test_an_exp_from_1970_on_is_kept_and_before_it_refused_whatever_the_leeway() -> None:
+    auth = hs_auth(jwt_leeway=LENIENT)
+    assert auth.authenticate(tokens.hs256(exp=0)).expires_at == 0.0
+    with pytest.raises(AuthError) as refused:
+        auth.authenticate(tokens.hs256(exp=-1))
+    assert refused.value.reason == "claim 'exp' is out of range"
+
+
+def test_iat_is_the_issue_time_a_revocation_compares_and_only_a_real_time_counts() -> None:
+    """service/revocations.py lets a token in when its iat is later than the revocation: an iat that
+    is not a time in 1970 to 9999 counts as none (the token is refused like one without iat)."""
+    issued = int(time.time()) - 60
+    assert hs_auth().authenticate(tokens.hs256(iat=issued)).issued_at == float(issued)
+    assert hs_auth().authenticate(tokens.hs256(iat=issued + 0.5)).issued_at == issued + 0.5
+    assert hs_auth().authenticate(tokens.hs256()).issued_at is None  # no iat at all
+    auth = hs_auth(jwt_leeway=LENIENT)
+    for iat, kept in [(0, 0.0), (MAX_EXP, float(MAX_EXP)), (-1, None), (MAX_EXP + 1, None), ("1", None)]:
+        assert auth.authenticate(tokens.hs256(iat=iat)).issued_at == kept, iat
+
+
+def test_the_origin_is_the_origin_header_and_a_scope_without_headers_has_none() -> None:
+    assert origin_of({"headers": [(b"host", b"relay"), (b"origin", b"https://app.example")]}) == (
+        "https://app.example"
+    )
+    assert origin_of({"headers": [(b"host", b"relay")]}) is None  # not a browser
+    assert origin_of({}) is None  # read like token_from reads it: no headers, no Origin

@@ -7,12 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+import orjson
 import pytest
 
-from service.broker import Appended, Envelope, Position, Retention
+from service.broker import (
+    Appended,
+    Arrival,
+    Broker,
+    Envelope,
+    Member,
+    Position,
+    PresenceBatch,
+    PresenceTerms,
+    Retention,
+)
 from service.broker.history import DEDUPE_WINDOW
 from service.broker.memory import MemoryBroker, MemoryBus
 from tests.brokers import Collector, eventually, redis_broker
@@ -254,3 +265,100 @@ async def test_idempotency_keys_are_remembered_for_the_last_1000_messages(pods: 
     assert newest.duplicate and newest.position.offset == DEDUPE_WINDOW + 1
     forgotten = await append(pods, "g:{window}", "m0", "key-0")
     assert not forgotten.duplicate and forgotten.position.offset == DEDUPE_WINDOW + 2
+
+
+# Presence (groups with a presence rule): the same semantics on every broker (docs/presence.md).
+TERMS = PresenceTerms(ttl=60, grace=0.2, events=True)
+
+
+def arrival(conn_id: str, user: str, claims: str = "{}") -> Arrival:
+    return Arrival(conn_id, user, claims)
+
+
+async def update(
+    broker: Broker,
+    channel: str,
+    terms: PresenceTerms,
+    arrivals: Sequence[Arrival] = (),
+    departures: Sequence[str] = (),
+    refresh: Sequence[str] = (),
+) -> list[str]:
+    return await broker.presence_update(channel, terms, PresenceBatch(arrivals, departures, refresh))
+
+
+async def test_presence_counts_connections_and_distinct_users_across_pods(pods: Pods) -> None:
+    """Two pods add connections of the same users; either reads the same counts and members."""
+    await update(pods.a.broker, "g:{room}", TERMS, [arrival("a.1", "ann"), arrival("a.2", "bob")])
+    await update(
+        pods.b.broker, "g:{room}", TERMS, [arrival("b.1", "ann", '{"name":"Ann"}'), arrival("b.2", "")]
+    )
+    present = await pods.a.broker.presence_read("g:{room}", TERMS, 10)
+    assert (present.connections, present.users, present.truncated) == (4, 2, False)
+    assert present.members == [Member("ann", 2, '{"name":"Ann"}'), Member("bob", 1, "{}")]
+    assert (await pods.b.broker.presence_read("g:{room}", TERMS, 0)).members == []
+    await update(pods.b.broker, "g:{room}", TERMS, departures=["b.1", "b.2", "b.unknown"])
+    present = await pods.b.broker.presence_read("g:{room}", TERMS, 1)
+    assert (present.connections, present.users, present.members) == (
+        2,
+        2,
+        [Member("ann", 1, '{"name":"Ann"}')],
+    )
+    assert present.truncated
+    odd = "line\nbreak {x} \u2603"  # a token `sub` may hold anything
+    await update(pods.a.broker, "g:{room}", TERMS, [arrival("a.3", odd, '{"a":"b\\nc"}')])
+    assert (
+        Member(odd, 1, '{"a":"b\\nc"}') in (await pods.b.broker.presence_read("g:{room}", TERMS, 10)).members
+    )
+    await update(pods.a.broker, "g:{room}", TERMS, departures=["a.3"])
+    assert (await pods.b.broker.presence_read("g:{room}", TERMS, 10)).users == 2
+    empty = await pods.b.broker.presence_read("g:{nobody}", TERMS, 10)
+    assert (empty.connections, empty.users, empty.members, empty.truncated) == (0, 0, [], False)
+
+
+async def test_presence_entries_expire_unless_refreshed_and_refresh_names_the_lost(pods: Pods) -> None:
+    """A pod that stops refreshing (it crashed) loses its entries at the TTL; one that refreshes
+    keeps them, and learns which of its ids the store no longer holds."""
+    brief = PresenceTerms(ttl=0.4, grace=0.1, events=False)
+    await update(pods.a.broker, "g:{lapse}", brief, [arrival("a.1", "ann")])
+    await update(pods.b.broker, "g:{lapse}", brief, [arrival("b.1", "bob")])
+    deadline = time.monotonic() + 5
+    while (await pods.a.broker.presence_read("g:{lapse}", brief, 10)).users != 1:
+        assert time.monotonic() < deadline, "the unrefreshed entry never expired"
+        assert await update(pods.b.broker, "g:{lapse}", brief, refresh=["b.1"]) == []
+        await asyncio.sleep(0.05)
+    present = await pods.a.broker.presence_read("g:{lapse}", brief, 10)
+    assert present.members == [Member("bob", 1, "{}")] and present.connections == 1
+    assert await update(pods.a.broker, "g:{lapse}", brief, refresh=["a.1", "b.1"]) == ["a.1"]
+
+
+async def test_presence_events_mark_a_users_first_arrival_and_last_departure_after_grace(pods: Pods) -> None:
+    """Join when the user's first connection arrives; no leave while one remains, nor for a
+    departure followed by an arrival within the grace; a leave once the grace passed."""
+    await pods.b.broker.subscribe("g:{ev}")
+    await update(pods.a.broker, "g:{ev}", TERMS, [arrival("a.1", "ann", '{"n":1}')])
+    await update(pods.a.broker, "g:{ev}", TERMS, [arrival("a.2", "ann")])
+    await update(pods.a.broker, "g:{ev}", TERMS, departures=["a.1"])
+    await update(pods.a.broker, "g:{ev}", TERMS, departures=["a.2"])
+    await update(pods.b.broker, "g:{ev}", TERMS, [arrival("b.1", "ann")])  # back in time
+    got = await pods.b.wait_for(1)
+    assert got[0].event and got[0].channel == "g:{ev}"
+    assert orjson.loads(got[0].frame) == {
+        "group": "ev",
+        "presence": {"event": "join", "user": "ann", "claims": {"n": 1}},
+    }
+    await update(pods.b.broker, "g:{ev}", TERMS, departures=["b.1"])
+    await asyncio.sleep(TERMS.grace)
+    await eventually_settled(pods, "g:{ev}")
+    got = await pods.b.wait_for(2)
+    assert orjson.loads(got[1].frame) == {"group": "ev", "presence": {"event": "leave", "user": "ann"}}
+    await pods.b.quiet(0.1)
+
+
+async def eventually_settled(pods: Pods, channel: str) -> None:
+    """Ask the store to settle until the leave event arrives (a pod does that after the grace)."""
+    before = len(pods.b.envelopes)
+    deadline = time.monotonic() + 5
+    while len(pods.b.envelopes) == before:
+        assert time.monotonic() < deadline, "no leave event"
+        await update(pods.a.broker, channel, TERMS)
+        await asyncio.sleep(0.05)

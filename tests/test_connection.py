@@ -6,6 +6,9 @@ import asyncio
 import gc
 from typing import Any
 
+import pytest
+
+from service import connection
 from service.connection import Connection, State
 from service.protocol import CloseCode
 from tests.fakes import FakeSocket
@@ -311,3 +314,77 @@ async def test_a_close_that_cannot_be_written_at_all_leaves_the_connection_close
     conn.close(CloseCode.NORMAL)
     assert conn.state is State.CLOSED and conn.close_code == CloseCode.NORMAL
     assert not conn.offer("a")
+
+
+async def test_a_send_that_waits_by_yielding_to_the_loop_lets_the_loop_run_meanwhile() -> None:
+    """A send may wait with bare yields (`await asyncio.sleep(0)` until something is ready): each one
+    must be a trip round the loop, as a Task makes it, or what it waits for can never happen."""
+    ready = False
+    written: list[str] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        for _ in range(100):
+            if ready:
+                written.append(message["text"])
+                return
+            await asyncio.sleep(0)
+        raise OSError("what the send waited for never happened")
+
+    async def make_ready() -> None:
+        nonlocal ready
+        for _ in range(3):  # a few turns of the loop, as a transport resuming writing takes
+            await asyncio.sleep(0)
+        ready = True
+
+    conn = Connection("p.c", send, outbox_size=10)
+    assert conn.offer("a")  # waits: the writer task finishes the send
+    await make_ready()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert written == ["a"] and conn.state is State.OPEN and conn.backlog == 0
+
+
+async def test_a_slow_consumer_closed_while_its_writer_waits_still_gets_the_close_frame() -> None:
+    """The writer task is already waiting on the stalled socket when the backlog overflows: stopping
+    it must not stop the close frame that follows, nor mark the client gone before it went."""
+    sock = FakeSocket()
+    conn = conn_for(sock, outbox=2)
+    sock.writable.clear()
+    assert conn.offer("a")
+    for _ in range(5):
+        await asyncio.sleep(0)  # the writer task runs and waits for the socket
+    assert [conn.offer(f) for f in "bcd"] == [True, True, False]
+    for _ in range(5):
+        await asyncio.sleep(0)  # the writer task is stopped meanwhile
+    assert conn.state is State.CLOSING
+    sock.writable.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sock.texts == [] and sock.close_codes == [CloseCode.SLOW_CONSUMER]
+
+
+class Clock:
+    """A monotonic clock the test moves, for the age bound at its exact edge."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+async def test_a_backlog_exactly_the_max_age_old_is_within_it_and_older_is_slow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind for *more than* outbox_max_age is slow (RELAY_OUTBOX_MAX_AGE); at the age itself the
+    member still keeps its place."""
+    clock = Clock()
+    monkeypatch.setattr(connection, "time", clock)
+    sock = FakeSocket()
+    conn = conn_for(sock, outbox=1000, outbox_max_age=5.0)
+    sock.writable.clear()
+    assert conn.offer("a")  # the backlog begins now
+    clock.now += 5.0
+    assert conn.offer("b") and conn.state is State.OPEN
+    clock.now += 0.001
+    assert not conn.offer("c") and conn.close_code == CloseCode.SLOW_CONSUMER

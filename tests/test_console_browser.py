@@ -29,6 +29,7 @@ from service.server import PodServer
 from tests.brokers import FAST_REDIS
 from tests.helpers import ROOT, running_pod, ws_url
 from tests.redis_servers import RedisServer
+from tests.tokens import SECRET, hs256
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("browser")]
 
@@ -473,3 +474,43 @@ async def test_a_refused_join_is_explained_and_does_not_reconnect(browser: Brows
         await expect(status).to_have_attribute("data-state", "stopped")
         assert console.errors == []
         await page.context.close()
+
+
+PRESENCE_RULES = """
+[[group]]
+match = "room*"
+presence = "full"
+presence_events = true
+presence_claims = ["name"]
+"""
+
+
+async def test_a_page_shows_who_is_in_its_group_and_follows_joins_and_leaves(
+    browser: Browser, tmp_path: Path, redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Asked once, the page shows the group's presence across pods, and asks again on each join or
+    leave event; a group without a presence rule says so."""
+    rules = tmp_path / "presence.toml"
+    rules.write_text(PRESENCE_RULES)
+    auth = {"jwt_secret": SECRET, "group_rules_file": str(rules), "presence_grace": 0.2}
+    async with AsyncExitStack() as stack:
+        pod_a, pod_b = await redis_pods(stack, redis_server, redis_prefix, "pod-a", "pod-b", **auth)
+        alice = await Console.open(browser, pod_a, **LAPTOP)
+        await alice.connect("room", hs256(sub="alice", name="Alice", groups=["*"], publish=["*"]))
+        presence = alice.page.locator("#presence")
+        await expect(presence).to_have_text("\u2013")  # a dash: nothing is asked until the user asks
+        await alice.page.click("#presence-ask")
+        await expect(presence).to_have_text('1 connection, 1 user: alice "Alice"')
+        bob_token = hs256(sub="bob", groups=["*"], publish=["*"])
+        bob = await RelayClient.connect(ws_url(pod_b, f"/room?token={bob_token}"))
+        await expect(alice.events("bob joined room")).to_have_count(1)
+        await expect(presence).to_have_text('2 connections, 2 users: alice "Alice", bob')
+        await bob.close()
+        await expect(alice.events("bob left room")).to_have_count(1)
+        await expect(presence).to_have_text('1 connection, 1 user: alice "Alice"')
+
+        await alice.page.click("#disconnect")
+        await alice.connect("lobby", hs256(sub="alice", groups=["*"], publish=["*"]))
+        await alice.page.click("#presence-ask")
+        await expect(presence).to_have_text("not kept for this group (no presence rule)")
+        assert alice.errors == []

@@ -101,6 +101,7 @@ def test_rows_cover_the_issue_sections() -> None:
         "History and recovery",
         "Process",
         "Server API",
+        "Presence",
     ]
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
 import websockets
+from structlog.testing import capture_logs
 
 from service import channels
 from service.broker.memory import MemoryBroker, MemoryBus
@@ -198,3 +200,22 @@ async def test_internal_port_serves_health_readiness_and_every_documented_metric
 
 async def test_the_tests_run_on_uvloop_like_the_pods_do() -> None:
     assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+
+
+async def test_the_socket_closed_line_says_how_long_the_socket_lived_and_what_it_carried() -> None:
+    """One log line per closed socket (README, "Measured"): its duration and its frame counts are
+    what an operator reads about a client, so they must be this socket's own."""
+    with capture_logs() as logs:
+        async with running_pod() as pod:
+            opened = time.monotonic()
+            a = await join(ws_url(pod, "/g"))  # frame out: the welcome
+            for n in range(2):  # frames in: two publishes, each sent back to a as a member
+                sent = await a.publish("g", n=n)
+                assert await a.next() == {"message": sent}
+            await a.ws.close()
+            await eventually(lambda: any(e["event"] == "socket.closed" for e in logs))
+            lived = time.monotonic() - opened
+    [closed] = [e for e in logs if e["event"] == "socket.closed"]
+    assert closed["conn_id"] == a.channel_id and closed["by"] == "client"
+    assert (closed["frames_in"], closed["frames_out"]) == (2, 3)
+    assert 0 <= closed["duration"] <= round(lived, 3) + 0.001

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -471,3 +472,114 @@ async def test_a_failed_delivery_is_logged_and_the_next_message_still_arrives(
     await hub.publish("g", "y")
     await settle()
     assert a.sock.texts == ["y"]  # the hub's delivery loop is still running
+
+
+async def test_untargeted_messages_on_a_channel_without_members_go_to_its_listener(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    """The control channel has no members: what arrives there goes to whoever listens for it (the
+    server API, service/control.py). Elsewhere a message for no one is dropped without a fuss."""
+    hub, _, broker, _ = pods
+    heard: list[Envelope] = []
+    hub.listen(channels.CONTROL, heard.append)
+    await broker.subscribe(channels.CONTROL)
+    command = Envelope(channels.CONTROL, '{"id":"1"}', 0.0)
+    with capture_logs() as logs:
+        await broker.publish(command)
+        await broker.publish(Envelope(channels.pod("pod-a"), "for no one", 0.0))  # nobody listens here
+        await settle()
+    assert heard == [command]
+    assert logs == []
+
+
+async def test_connections_are_found_by_id_and_members_counted_by_group(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    """What the server API reads of a pod (service/commands.py): one connection by its channel id,
+    and the local members of each group."""
+    hub, _, _, _ = pods
+    a, b = Member(hub, "a"), Member(hub, "b")
+    await hub.join(a.conn, "g")
+    await hub.join(b.conn, "g")
+    await hub.join(b.conn, "h.1")
+    assert hub.connection(a.conn.id) is a.conn and hub.connection("pod-a.nobody") is None
+    assert hub.group_sizes() == {"g": 2, "h.1": 1}
+
+
+async def test_the_local_fan_out_duration_is_the_time_the_fan_out_took(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    hub, _, _, _ = pods
+    for name in ("a", "b"):
+        await hub.join(Member(hub, name).conn, "g")
+    count, total = histogram("relay_local_fanout_duration_seconds")
+    started = time.perf_counter()
+    await hub.publish("g", "x")
+    await settle()
+    took = time.perf_counter() - started  # the fan-out happened inside this
+    assert histogram("relay_local_fanout_duration_seconds")[0] == count + 1
+    assert 0 <= histogram("relay_local_fanout_duration_seconds")[1] - total <= took
+
+
+async def test_a_leave_queued_behind_a_fresh_subscribe_leaves_the_new_members_alone(
+    gated: tuple[Hub, GatedBroker],
+) -> None:
+    """a's join is still subscribing when b's join queues behind it; a then leaves at once, and its
+    leave queues behind b's join, which finds the group empty and subscribes it afresh. a's leave
+    must see that the group it emptied is not the group any more, and leave b subscribed."""
+    hub, broker = gated
+    a, b = Member(hub, "a"), Member(hub, "b")
+    broker.hold("subscribe")
+
+    async def join_and_leave() -> None:
+        await hub.join(a.conn, "g")
+        await hub.leave(a.conn, "g")
+
+    first = asyncio.create_task(join_and_leave())
+    await broker.arrived("subscribe")
+    second = asyncio.create_task(hub.join(b.conn, "g"))
+    await settle()  # b waits for the group's lock
+    broker.release("subscribe")
+    await asyncio.gather(first, second)
+    assert hub.channels() == {channels.group("g")} and channels.group("g") in broker.channels
+    await hub.publish("g", "x")
+    await settle()
+    assert b.sock.texts == ["x"] and a.sock.texts == []
+
+
+async def test_one_connections_group_change_waiting_on_the_broker_holds_up_no_other(
+    gated: tuple[Hub, GatedBroker],
+) -> None:
+    """Backend group changes are in order per connection, not across connections: a's change
+    waits for a SUBSCRIBE (its group is new to the pod); b's, to a group the pod already has,
+    needs no broker and is done meanwhile."""
+    hub, broker = gated
+    a, b, c = Member(hub, "a"), Member(hub, "b"), Member(hub, "c")
+    await hub.join(c.conn, "busy")
+    broker.hold("subscribe")
+    waiting = asyncio.create_task(hub.change(a.conn, "join", "new"))
+    await broker.arrived("subscribe")
+    changed = asyncio.create_task(hub.change(b.conn, "join", "busy"))
+    await settle()
+    assert changed.done() and changed.result() == "joined" and not waiting.done()
+    broker.release("subscribe")
+    assert await waiting == "joined"
+
+
+async def test_a_backend_group_change_leaves_no_error_for_the_loop_to_report(
+    pods: tuple[Hub, Hub, MemoryBroker, MemoryBroker],
+) -> None:
+    """Each backend change runs in a task of its own; when it ends, nothing may surface in the
+    loop's exception handler (asyncio logs each such report as an error)."""
+    _, hub_b, broker_a, _ = pods
+    b = Member(hub_b, "b")
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        await command(broker_a, b.conn, "join news")
+        await command(broker_a, b.conn, "leave news")
+        await settle()
+    finally:
+        loop.set_exception_handler(None)
+    assert b.conn.groups == set() and errors == []

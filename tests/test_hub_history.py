@@ -4,12 +4,14 @@ member is sent first, what is counted, and a live message arriving while history
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
 
-from service.broker import Broker, History, Position, Retention
+from service import channels
+from service.broker import Broker, BrokerUnavailable, Envelope, History, Position, Retention
 from service.broker.memory import MemoryBroker, MemoryBus
 from service.connection import Connection
 from service.hub import Hub, Joined
@@ -328,3 +330,89 @@ async def test_members_recovering_together_when_one_goes_midway() -> None:
         await hub.publish("chat", '{"message":2}')
         await eventually(lambda: len(a.sock.texts) == 2)
         assert a.sock.texts == ['{"message":1}', '{"message":2}'] and b.sock.texts == []
+
+
+async def test_a_member_leaving_while_another_recovers_leaves_only_itself() -> None:
+    broker = GatedBroker(MemoryBus())
+    async with running(broker) as hub:
+        first = await hub.publish("chat", '{"message":1}')
+        assert first.position is not None
+        other, a = Member(hub, "other"), Member(hub, "a")
+        await hub.join(other.conn, "chat")
+        broker.hold("history")
+        joining = asyncio.create_task(hub.join(a.conn, "chat", Since(first.position.epoch, 0)))
+        await broker.arrived("history")
+        await hub.leave(other.conn, "chat")  # a settled member goes while a is still recovering
+        await hub.publish("chat", '{"message":2}')
+        broker.release("history")
+        assert (await joining).recovered is True
+        await eventually(lambda: len(a.sock.texts) == 2)
+        assert a.sock.texts == ['{"message":1}', '{"message":2}'] and other.sock.texts == []
+
+
+class Unreadable(GatedBroker):
+    """History that cannot be read: the reply, once released, is that Redis is unreachable."""
+
+    async def history(
+        self, channel: str, after: int | None, limit: int, start: Retention | None = None
+    ) -> History:
+        await super().history(channel, after, limit, start)
+        raise BrokerUnavailable("redis down")
+
+
+@pytest.mark.parametrize("history", ["unreachable", "none yet"])
+async def test_a_message_without_a_position_arriving_during_a_join_is_delivered(history: str) -> None:
+    """Not every message of a history group has a position: a Django app on Channels' pub/sub layer
+    publishes straight to the group's channel (service/broker/channels_pubsub.py). One arriving while
+    a member's join reads history is held for it like any other, and sent after; also when the
+    join found no history to send (none yet, or Redis unreachable), where there is no epoch."""
+    broker = Unreadable(MemoryBus()) if history == "unreachable" else GatedBroker(MemoryBus())
+    async with running(broker) as hub:
+        a = Member(hub, "a")
+        broker.hold("history")
+        joining = asyncio.create_task(hub.join(a.conn, "chat", Since("E1", 4)))
+        await broker.arrived("history")  # the pod is subscribed to the group by now
+        await broker.publish(Envelope(channels.group("chat"), '{"message":"from django"}', time.time()))
+        broker.release("history")
+        joined = await joining
+        assert joined.recovered is False and joined.position is None
+        await eventually(lambda: a.sock.texts == ['{"message":"from django"}'])
+
+
+async def test_no_recovery_state_is_kept_for_a_group_once_its_joins_are_done() -> None:
+    """What the hub holds for members mid-join lives as long as those joins: a pod sees many groups
+    over its life and must not keep an entry for each. No message shows such a leak, so this reads
+    the hub's one private table of it."""
+    async with running(MemoryBroker(MemoryBus())) as hub:
+        a = Member(hub, "a")
+        await hub.join(a.conn, "chat", Since("E1", 0))
+        await hub.join(a.conn, "dash")
+        assert a.conn.groups == {channels.group("chat"), channels.group("dash")}
+        assert hub._held == {}
+
+
+async def test_a_recovering_join_overtaken_by_a_backends_leave_and_join_sends_nothing_twice() -> None:
+    """A client's join from a position reads history; meanwhile a backend takes the connection out
+    of the group and puts it back (two group changes, which do not wait for the client's join). The
+    client's join was left, so it is abandoned as for any leave during the read; the backend's join
+    alone makes it a member, from now on: every message reaches it once."""
+    broker = GatedBroker(MemoryBus())
+    async with running(broker) as hub:
+        first = await hub.publish("chat", '{"message":1}')
+        assert first.position is not None
+        await hub.join(Member(hub, "other").conn, "chat")
+        a = Member(hub, "a")
+        broker.hold("history")
+        recovering = asyncio.create_task(hub.join(a.conn, "chat", Since(first.position.epoch, 0)))
+        await broker.arrived("history")
+        assert await hub.change(a.conn, "leave", "chat") == "left"
+        rejoining = asyncio.create_task(hub.change(a.conn, "join", "chat"))  # reads history too
+        await eventually(lambda: [op for op, _ in broker.calls].count("history") == 2)
+        await hub.publish("chat", '{"message":2}')  # held for the backend's join
+        broker.release("history")
+        assert await recovering == Joined()
+        assert await rejoining == "joined"
+        await hub.publish("chat", '{"message":3}')
+        await eventually(lambda: len(a.sock.texts) >= 2)
+        await asyncio.sleep(0.05)  # a duplicate would arrive right behind
+        assert a.sock.texts == ['{"message":2}', '{"message":3}']

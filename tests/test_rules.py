@@ -35,6 +35,29 @@ def test_no_file_means_no_rules() -> None:
     assert GroupRules.load("").rules == ()
 
 
+def test_presence_fields_default_to_off_and_are_read_as_written() -> None:
+    rules = GroupRules.parse(
+        {
+            "group": [
+                {"match": "room.*", "presence": "full", "presence_events": True, "presence_claims": ["name"]},
+                {"match": "count.*", "presence": "counts", "history": 10},
+                {"match": "*"},
+            ]
+        }
+    )
+    room = rules.presence_for("room.1")
+    assert room is not None and (room.presence, room.presence_events, room.presence_claims) == (
+        "full",
+        True,
+        ("name",),
+    )
+    count = rules.presence_for("count.1")
+    assert count is not None and count.presence == "counts" and count.keeps_history
+    assert rules.presence_for("other") is None and rules.for_group("other") is not None
+    # what a connection keeps of its token: only the claims some rule shows
+    assert rules.claims_shown == {"name"} and GroupRules([]).claims_shown == set()
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -50,6 +73,26 @@ def test_no_file_means_no_rules() -> None:
         ("[[groups]]\nmatch = 'a'\n", "expected only a list named `group`"),
         ("[[group]\n", "is not valid TOML"),
         ("[[group]]\nmatch = 'ok'\n\n[[group]]\nmatch = 'b'\nttl = -5\n", "group rule 2 (b)"),
+        ("[[group]]\nmatch = 'a'\npresence = 'on'\n", '`presence` must be "off", "counts" or "full"'),
+        ("[[group]]\nmatch = 'a'\npresence = true\n", '`presence` must be "off", "counts" or "full"'),
+        ("[[group]]\nmatch = 'a'\npresence_events = true\n", "`presence_events` needs `presence`"),
+        (
+            "[[group]]\nmatch = 'a'\npresence = 'full'\npresence_events = 1\n",
+            "`presence_events` must be true",
+        ),
+        (
+            "[[group]]\nmatch = 'a'\npresence = 'counts'\npresence_claims = ['n']\n",
+            'needs `presence = "full"`',
+        ),
+        (
+            "[[group]]\nmatch = 'a'\npresence = 'full'\npresence_claims = 'name'\n",
+            "`presence_claims` must be a list",
+        ),
+        ("[[group]]\nmatch = 'a'\npresence = 'full'\npresence_claims = ['a b']\n", "claim names (1-64 of"),
+        (
+            "[[group]]\nmatch = 'a'\npresence = 'full'\npresence_claims = [1]\n",
+            "`presence_claims` must be a list",
+        ),
     ],
 )
 def test_a_bad_rule_is_refused_with_the_file_the_rule_and_the_field(

@@ -36,6 +36,7 @@ def test_the_error_codes_in_the_schema_are_the_relays() -> None:
         {"task": "send_message_to_channel", "channel_id": "pod-1.Ab_9", "ref": 3},
         {"task": "join", "group_name": "g", "ref": "r"},
         {"task": "leave", "group_name": "g"},
+        {"task": "presence", "group_name": "g", "ref": 1},
     ],
 )
 def test_client_frames_the_relay_accepts_fit_the_schema(frame: dict[str, Any]) -> None:

@@ -53,7 +53,7 @@ async def memory_pods(count: int) -> AsyncIterator[list[PodServer]]:
         ]
 
 
-def url(pod: PodServer, path: str, sub: str = "alice", **claims: Any) -> str:
+def url(pod: PodServer | int, path: str, sub: str = "alice", **claims: Any) -> str:
     groups = claims.pop("groups", ["*"])
     return ws_url(pod, f"{path}?token={hs256(sub=sub, groups=groups, publish=['*'], **claims)}")
 

@@ -7,7 +7,7 @@ deliveries from `messages()`; nothing below them holds a reference back up.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -27,6 +27,8 @@ class Envelope:
     a group that keeps history carries its position: `epoch` and `offset` (1, 2, 3... per epoch).
     `command` is a change to the target connection's groups instead of a frame (`join <group>`,
     `leave <group>`), sent by a backend (the Django channel layer's group_add and group_discard).
+    `event` marks a presence event of the group (docs/presence.md): `frame` is the v1 frame, and
+    only v1 members receive it.
     """
 
     channel: str
@@ -36,6 +38,7 @@ class Envelope:
     epoch: str = ""
     offset: int = 0
     command: str = ""
+    event: bool = False
 
 
 # Yielded by `messages()` when the link to the bus came back after losing it: anything may have been
@@ -80,6 +83,57 @@ class Retention:
     ttl: float
 
 
+@dataclass(frozen=True, slots=True)
+class PresenceTerms:
+    """How a group's presence is kept: entries live `ttl` seconds unless refreshed; with `events`,
+    a user's leave is announced `grace` seconds after their last connection went, if none came back."""
+
+    ttl: float
+    grace: float
+    events: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """A connection entering a group's presence: its id, its user (the token's `sub`, "" for
+    none) and the allow-listed claims shown with it (JSON text of an object)."""
+
+    conn_id: str
+    user: str
+    claims: str
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceBatch:
+    """Changes to one group's presence, carried out in this order: remove `departures`
+    (connection ids), add `arrivals`, push back the expiry of `refresh` (connection ids)."""
+
+    arrivals: Sequence[Arrival] = ()
+    departures: Sequence[str] = ()
+    refresh: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A user present in a group: how many of the group's connections are theirs, and the
+    allow-listed claims of their latest one (JSON text of an object)."""
+
+    user: str
+    connections: int
+    claims: str
+
+
+@dataclass(frozen=True, slots=True)
+class Present:
+    """A read of a group's presence: connections, distinct users, and up to the number asked of
+    members (sorted by user); `truncated` when there are more users than were listed."""
+
+    connections: int
+    users: int
+    members: list[Member]
+    truncated: bool
+
+
 class BrokerUnavailable(RuntimeError):
     """A publish could not be handed to the bus; the caller counts it and tells the publisher."""
 
@@ -115,6 +169,18 @@ class Broker(Protocol):
 
     async def denied(self, key: str) -> float | None:
         """When `key` was revoked, if that is still recorded, else None. Raises BrokerUnavailable."""
+        ...
+
+    async def presence_update(self, channel: str, terms: PresenceTerms, batch: PresenceBatch) -> list[str]:
+        """One atomic step on the presence of `channel`'s group (service/broker/presence.py):
+        drop expired entries and announce the leaves that are due, then carry out `batch`. Returns
+        the ids of `batch.refresh` the store did not hold (the caller adds them again). Raises
+        BrokerUnavailable."""
+        ...
+
+    async def presence_read(self, channel: str, terms: PresenceTerms, limit: int) -> Present:
+        """The presence of `channel`'s group, expired entries dropped first; up to `limit`
+        members (0: the counts only). Raises BrokerUnavailable."""
         ...
 
     async def subscribe(self, *channels: str) -> None:

@@ -25,7 +25,17 @@ import msgpack
 import structlog
 
 from service import channels, metrics
-from service.broker import Appended, Broker, BrokerUnavailable, Envelope, History, Retention
+from service.broker import (
+    Appended,
+    Broker,
+    BrokerUnavailable,
+    Envelope,
+    History,
+    PresenceBatch,
+    PresenceTerms,
+    Present,
+    Retention,
+)
 from service.broker.wire import BadPayload
 
 log = structlog.get_logger("relay.channels_pubsub")
@@ -92,6 +102,12 @@ class BridgedBroker:
 
     async def denied(self, key: str) -> float | None:
         return await self._primary.denied(key)
+
+    async def presence_update(self, channel: str, terms: PresenceTerms, batch: PresenceBatch) -> list[str]:
+        return await self._primary.presence_update(channel, terms, batch)
+
+    async def presence_read(self, channel: str, terms: PresenceTerms, limit: int) -> Present:
+        return await self._primary.presence_read(channel, terms, limit)
 
     async def subscribe(self, *names: str) -> None:
         await self._primary.subscribe(*names)

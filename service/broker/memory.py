@@ -15,7 +15,20 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from service.broker import Appended, Envelope, History, Position, Retention
+import orjson
+
+from service import channels
+from service.broker import (
+    Appended,
+    Envelope,
+    History,
+    Member,
+    Position,
+    PresenceBatch,
+    PresenceTerms,
+    Present,
+    Retention,
+)
 from service.broker.history import DEDUPE_WINDOW
 
 QUEUE_SIZE = 65536
@@ -30,6 +43,17 @@ class _Stream:
     seen: OrderedDict[str, int] = field(default_factory=OrderedDict)  # idempotency key -> offset
 
 
+@dataclass
+class _Presence:
+    """One group's presence, as the Redis keys of service/broker/presence.py hold it."""
+
+    conns: dict[str, tuple[float, str, str]] = field(default_factory=dict)  # id -> (expires, user, claims)
+    users: dict[str, int] = field(default_factory=dict)
+    claims: dict[str, str] = field(default_factory=dict)
+    announced: set[str] = field(default_factory=set)
+    leaving: dict[str, float] = field(default_factory=dict)  # user -> when the leave is due
+
+
 class MemoryBus:
     """Channel -> subscribed brokers, and each group's history. Plays the part of the Redis server."""
 
@@ -37,6 +61,7 @@ class MemoryBus:
         self.subscribers: dict[str, set[MemoryBroker]] = {}
         self.streams: dict[str, _Stream] = {}
         self.denied: dict[str, tuple[float, float]] = {}  # key -> (revoked at, expires: monotonic)
+        self.presence: dict[str, _Presence] = {}  # group channel -> its presence
 
     async def publish(self, envelope: Envelope) -> int:
         receivers = self.subscribers.get(envelope.channel, ())
@@ -91,12 +116,90 @@ class MemoryBus:
             return None
         return entry[0]
 
+    async def presence_update(self, channel: str, terms: PresenceTerms, batch: PresenceBatch) -> list[str]:
+        now = time.monotonic()
+        group = self.presence.setdefault(channel, _Presence())
+        events = await self._clean(channel, group, terms, now)
+        for conn_id in batch.departures:
+            self._drop(group, terms, conn_id, now + terms.grace)
+        for arrival in batch.arrivals:
+            if arrival.conn_id in group.conns:
+                continue
+            group.conns[arrival.conn_id] = (now + terms.ttl, arrival.user, arrival.claims)
+            if not arrival.user:
+                continue
+            group.claims[arrival.user] = arrival.claims
+            group.users[arrival.user] = count = group.users.get(arrival.user, 0) + 1
+            if count == 1 and terms.events:
+                group.leaving.pop(arrival.user, None)
+                if arrival.user not in group.announced:
+                    group.announced.add(arrival.user)
+                    events.append(_event(channel, "join", arrival.user, arrival.claims))
+        missing = []
+        for conn_id in batch.refresh:
+            entry = group.conns.get(conn_id)
+            if entry is None:
+                missing.append(conn_id)
+            else:
+                group.conns[conn_id] = (now + terms.ttl, entry[1], entry[2])
+        for event in events:
+            await self.publish(event)
+        if not group.conns and not group.leaving and not group.announced:
+            del self.presence[channel]
+        return missing
+
+    async def presence_read(self, channel: str, terms: PresenceTerms, limit: int) -> Present:
+        group = self.presence.get(channel)
+        if group is None:
+            return Present(0, 0, [], False)
+        for event in await self._clean(channel, group, terms, time.monotonic()):
+            await self.publish(event)
+        listed = sorted(group.users)[:limit] if limit > 0 else []
+        members = [Member(u, group.users[u], group.claims.get(u, "{}")) for u in listed]
+        return Present(len(group.conns), len(group.users), members, 0 < limit < len(group.users))
+
+    @staticmethod
+    def _drop(group: _Presence, terms: PresenceTerms, conn_id: str, due: float) -> None:
+        entry = group.conns.pop(conn_id, None)
+        if entry is None or not entry[1]:
+            return
+        user = entry[1]
+        group.users[user] -= 1
+        if group.users[user] <= 0:
+            del group.users[user]
+            group.claims.pop(user, None)
+            if terms.events:
+                group.leaving[user] = due
+
+    async def _clean(
+        self, channel: str, group: _Presence, terms: PresenceTerms, now: float
+    ) -> list[Envelope]:
+        """Drop expired entries; the leave events now due (published by the caller, after)."""
+        for conn_id in [c for c, entry in group.conns.items() if entry[0] <= now]:
+            self._drop(group, terms, conn_id, now)
+        events = []
+        for user in [u for u, due in group.leaving.items() if due <= now]:
+            del group.leaving[user]
+            if user in group.announced:  # a user back in time is no longer in `leaving`
+                group.announced.discard(user)
+                events.append(_event(channel, "leave", user, None))
+        return events
+
     def _live(self, channel: str, now: float) -> _Stream | None:
         stream = self.streams.get(channel)
         if stream is not None and now >= stream.expires:
             del self.streams[channel]  # expired: the next message begins a new epoch
             return None
         return stream
+
+
+def _event(channel: str, kind: str, user: str, claims: str | None) -> Envelope:
+    """A presence event as the Redis functions write it (service/broker/presence.py)."""
+    body = {"event": kind, "user": user}
+    text = orjson.dumps({"group": channels.group_of(channel), "presence": body}).decode()
+    if claims is not None:
+        text = text[:-2] + ',"claims":' + claims + "}}"
+    return Envelope(channel, text, time.time(), event=True)
 
 
 class MemoryBroker:
@@ -128,6 +231,12 @@ class MemoryBroker:
 
     async def denied(self, key: str) -> float | None:
         return self._bus.revoked_at(key)
+
+    async def presence_update(self, channel: str, terms: PresenceTerms, batch: PresenceBatch) -> list[str]:
+        return await self._bus.presence_update(channel, terms, batch)
+
+    async def presence_read(self, channel: str, terms: PresenceTerms, limit: int) -> Present:
+        return await self._bus.presence_read(channel, terms, limit)
 
     async def subscribe(self, *channels: str) -> None:
         for channel in channels:

@@ -40,8 +40,12 @@ from service.broker import (
     Envelope,
     History,
     Position,
+    PresenceBatch,
+    PresenceTerms,
+    Present,
     Retention,
     history,
+    presence,
     wire,
 )
 from service.broker.link import NOT_HERE, _Link, _Node, error_kind, redirect
@@ -205,6 +209,39 @@ class RedisBroker:
         argv = ("" if after is None else after, limit, *begin)
         reply = await self.command(stream, b"FCALL", history.READ, 3, stream, meta, seen, *argv)
         return history.parse_read(reply, newest_first=after is None)
+
+    def _presence_call(self, function: bytes, channel: str, terms: PresenceTerms) -> list[bytes | str | int]:
+        """FCALL `function` with the group's keys and the ARGV both presence functions begin with."""
+        keys = presence.keys(self._prefix, channel)
+        return [
+            b"FCALL",
+            function,
+            len(keys),
+            *keys,
+            channel[3:-1],  # the group name (`g:{G}`)
+            self._name(channel),
+            self._publish,
+            repr(time.time()),
+            max(1, int(terms.ttl * 1000)),
+            max(0, int(terms.grace * 1000)),
+            b"1" if terms.events else b"0",
+        ]
+
+    async def presence_update(self, channel: str, terms: PresenceTerms, batch: PresenceBatch) -> list[str]:
+        args = self._presence_call(presence.UPDATE, channel, terms)
+        args += (len(batch.arrivals), len(batch.departures))
+        for arrival in batch.arrivals:
+            args += (arrival.conn_id, arrival.user, arrival.claims)
+        args += batch.departures
+        args += batch.refresh
+        # Idempotent: sent twice, a batch leaves the same state (an arrival already there is kept).
+        missing = await self.command(self._name(channel), *args, idempotent=True)
+        return [conn_id.decode() for conn_id in missing]
+
+    async def presence_read(self, channel: str, terms: PresenceTerms, limit: int) -> Present:
+        args = self._presence_call(presence.READ, channel, terms)
+        reply = await self.command(self._name(channel), *args, limit, idempotent=True)
+        return presence.parse_read(reply, limit)
 
     def _deny_key(self, key: str) -> bytes:
         # Hashed: a `sub` may hold any characters and any length; the key stays short and plain.
@@ -393,11 +430,12 @@ class RedisBroker:
         return node
 
     async def _load_library(self, node: _Node) -> None:
-        """relay's history functions, on this primary (FUNCTION LOAD REPLACE: idempotent, and a
+        """relay's history and presence functions, on this primary (FUNCTION LOAD REPLACE: idempotent, and a
         newer pod's library of the same version is the same code). A Redis before 7.0 has no
         functions: relay runs without history there, and says so once."""
         try:
-            await node.pub.call(b"FUNCTION", b"LOAD", b"REPLACE", history.LIBRARY, timeout=self._timeout)
+            for library in (history.LIBRARY, presence.LIBRARY):
+                await node.pub.call(b"FUNCTION", b"LOAD", b"REPLACE", library, timeout=self._timeout)
         except ReplyError as exc:
             if not self._library_refused:
                 self._library_refused = True

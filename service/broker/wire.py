@@ -4,6 +4,8 @@
     b"2 <sent_at> <epoch> <offset>\\n<frame>"  a message of a group that keeps history, written
                                           by the history script (service/broker/history.py)
     b"C <verb> <target> <group>\\n"        join or leave: a backend changes one connection's groups
+    b"E <sent_at>\\n<frame>"                a presence event of the group, written by the presence
+                                          functions (service/broker/presence.py): v1 members only
     b"P <nonce>\\n"                        a link probe; never reaches the hub
 
 The frame is already the exact JSON text members receive, so it is never parsed or re-encoded
@@ -20,6 +22,7 @@ POSITIONED = b"2"
 CONTROL = b"C"
 VERBS = (b"join", b"leave")
 PROBE = b"P"
+EVENT = b"E"
 
 
 class BadPayload(ValueError):
@@ -41,6 +44,8 @@ def decode(channel: str, payload: bytes) -> Envelope:
         if newline and len(parts) == 4 and parts[0] == CONTROL and parts[1] in VERBS and not frame:
             command = (parts[1] + b" " + parts[3]).decode()
             return Envelope(channel, "", 0.0, parts[2].decode(), command=command)
+        if newline and len(parts) == 2 and parts[0] == EVENT:
+            return Envelope(channel, frame.decode(), float(parts[1]), event=True)
         if newline and len(parts) == 4 and parts[0] == POSITIONED and parts[2].isalnum():
             offset = int(parts[3])
             if offset > 0:

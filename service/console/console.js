@@ -122,6 +122,8 @@
     socketPod: $("socket-pod"),
     position: $("position"),
     lastClose: $("last-close"),
+    presence: $("presence"),
+    presenceAsk: $("presence-ask"),
     publishForm: $("publish-form"),
     publishGroup: $("publish-group"),
     publishBody: $("publish-body"),
@@ -154,6 +156,8 @@
     // history); `shown`, the last delivery shown (a repeat of it or of anything before is dropped);
     // `recoverUpTo`, the last offset a recovering join said was coming from history.
     groups: new Map(),
+    presenceShown: false, // the user asked once: presence events of the group ask again
+    presenceTimer: 0,
   };
 
   function describe(code) {
@@ -195,6 +199,7 @@
     el.publish.disabled = !open;
     el.direct.disabled = !open;
     el.directSelf.disabled = !state.channelId;
+    el.presenceAsk.disabled = !open;
     el.disconnect.disabled = !state.wanted && state.ws === null;
   }
 
@@ -298,6 +303,8 @@
       } else if ("error" in frame) {
         logRow("in", event.data);
         refused(frame.error);
+      } else if ("presence" in frame && "group" in frame) {
+        logRow("event", presenceEvent(frame.presence, frame.group));
       } else {
         deliver(frame, event.data);
       }
@@ -347,6 +354,38 @@
     const request = state.pending.get(ack.ack);
     state.pending.delete(ack.ack);
     if (request?.kind === "join") joined(request, ack);
+    else if (request?.kind === "presence") showPresence(ack.presence);
+  }
+
+  // Presence (docs/presence.md): asked on request only, so a group without a presence rule costs no
+  // frame; once shown, the group's join and leave events ask again (at most every half second).
+  function askPresence() {
+    state.presenceShown = true;
+    clearTimeout(state.presenceTimer);
+    state.presenceTimer = 0;
+    if (state.ws === null || !state.group) return;
+    request("presence", { task: "presence", group_name: state.group });
+  }
+
+  function showPresence(presence) {
+    if (!presence || typeof presence !== "object") return;
+    const counts = `${plural(presence.connections, "connection")}, ${plural(presence.users, "user")}`;
+    if (!Array.isArray(presence.members)) {
+      el.presence.textContent = counts;
+      return;
+    }
+    const names = presence.members.map((m) => {
+      const name = typeof m.claims?.name === "string" ? ` "${m.claims.name}"` : "";
+      return `${m.user}${name}${m.connections > 1 ? ` ×${m.connections}` : ""}`;
+    });
+    el.presence.textContent = `${counts}: ${names.join(", ")}${presence.truncated ? ", …" : ""}`;
+  }
+
+  function presenceEvent(event, group) {
+    if (state.presenceShown && group === state.group && state.presenceTimer === 0) {
+      state.presenceTimer = setTimeout(askPresence, 500);
+    }
+    return `${event?.user} ${event?.event === "join" ? "joined" : "left"} ${group}`;
   }
 
   // A join took effect. Its ack comes before any message of the group and, for a group that keeps
@@ -393,6 +432,10 @@
     if (request?.kind === "publish") fail(el.publishError, `The relay refused it (${why}).`);
     else if (request?.kind === "direct") fail(el.directError, `The relay refused it (${why}).`);
     else if (request?.kind === "join") joinRefused(request.group, error?.code, why);
+    else if (request?.kind === "presence") {
+      el.presence.textContent =
+        error?.code === "presence_off" ? "not kept for this group (no presence rule)" : `unavailable (${why})`;
+    }
   }
 
   function joinRefused(group, code, why) {
@@ -599,6 +642,7 @@
   el.directSelf.addEventListener("click", () => {
     el.directChannel.value = state.channelId;
   });
+  el.presenceAsk.addEventListener("click", askPresence);
   el.channelId.addEventListener("focus", () => el.channelId.select());
   el.clear.addEventListener("click", () => {
     el.frames.replaceChildren();
