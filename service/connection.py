@@ -1,7 +1,11 @@
 """The send side of one member socket: hub -> connection.offer -> socket.
 
-Most sockets keep up, so `offer` writes at once, without a task or a queue: it starts the ASGI
-`send` coroutine and runs it to its first suspension by hand. uvicorn's WebSocket `send` only
+Most sockets keep up, so `offer` writes at once, without a task or a queue. On uvicorn's
+websockets-sansio protocol (relay's default) it writes the prepared frame: the whole WebSocket
+frame, built once per message and handed to every member's transport (`transport.write_text`),
+when the bytes would be exactly what uvicorn writes. Otherwise (permessage-deflate, a paused
+transport, a closing socket, another implementation) it starts the ASGI `send` coroutine and runs
+it to its first suspension by hand. uvicorn's WebSocket `send` only
 suspends while the transport is paused (the kernel buffer is full), so in the common case the frame
 is written by then and the coroutine is finished. When it does suspend, the socket has fallen
 behind: the rest of that send and every later frame move to a backlog drained by a writer task.
@@ -25,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from service import metrics
+from service import metrics, transport
 from service.protocol import CloseCode
 
 Message = dict[str, Any]
@@ -82,6 +86,7 @@ class Connection:
         "_outbox_bytes",
         "_outbox_max_age",
         "_outbox_size",
+        "_wire",
         "_writer",
         "claims",
         "close_code",
@@ -121,6 +126,7 @@ class Connection:
         self.opened_at = time.monotonic()
         self.closed_at: float | None = None  # monotonic time relay closed it or saw it go
         self.send = send
+        self._wire = transport.prepared(send)  # uvicorn's protocol, to write prepared frames to
         self._outbox_size = outbox_size
         self._outbox_bytes = outbox_bytes
         self._outbox_max_age = outbox_max_age
@@ -137,8 +143,12 @@ class Connection:
             if self.state is not State.OPEN:
                 metrics.SEND_QUEUE_DROPPED.labels("closed").inc()
                 return False
-            coro = self.send({"type": "websocket.send", "text": frame})
+            wire = self._wire
             try:
+                if wire is not None and transport.write_text(wire, frame):
+                    self.frames_out += 1  # the frame was built once for every member: written
+                    return True
+                coro = self.send({"type": "websocket.send", "text": frame})
                 yielded = _step(coro)
             except Exception:
                 self.gone()

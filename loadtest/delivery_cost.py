@@ -1,0 +1,191 @@
+"""CPU per delivered frame of one server for a fixed fan-out, counted deterministically (issue 17).
+
+Starts the server under `valgrind --tool=callgrind --instr-atstart=no`, connects N members of one
+group and a publisher (the load engine's raw client, in this process), sends a few broadcasts to
+warm up, then switches instrumentation on (`callgrind_control -i on`), zeroes the counters, sends K
+broadcasts one after another (each waits until every member has it), dumps the counters and divides
+the server's instructions by N x K. That is user-space instructions of the server process (Python,
+uvloop, libuv, libc); the kernel's send path is the same for every server and not counted. The
+publisher's frame, the event loop's wake-ups and the rest of each message's path are in the count,
+shared by the N deliveries of each message.
+
+    .venv/bin/python -m loadtest.delivery_cost --members 1000 --broadcasts 20 \
+        --target relay=. --target base=/work/lean-base --target minimal --json out.json
+
+A target is `NAME=PATH` (relay's `python -m service` from the work tree at PATH, run with this
+interpreter: compare two commits by checking one out elsewhere) or `minimal` (loadtest/peers/
+minimal.py, the asyncio + uvloop floor). Pods use the memory broker, no keepalive pings
+(RELAY_PING_INTERVAL=0: they would land in the window at random) and no rate limits. `--cpu` runs
+the same without valgrind and reports CPU seconds per delivery from /proc instead (noisy on a
+shared machine: alternate targets over `--rounds`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script too
+from loadtest.engine import raise_fd_limit
+from loadtest.fanout import Stats, open_members
+from loadtest.servers import ROOT, cpu_seconds, free_port, wait_port
+
+
+class Target:
+    def __init__(self, spec: str) -> None:
+        self.name, _, path = spec.partition("=")
+        self.root = os.path.abspath(path) if path else ROOT
+        self.minimal = self.name == "minimal" and not path
+
+    def argv(self, port: int, internal: int) -> tuple[list[str], dict[str, str]]:
+        env = {**os.environ, "PYTHONPATH": self.root}
+        if self.minimal:
+            return [sys.executable, "-m", "loadtest.peers.minimal", "--port", str(port)], env
+        env |= {
+            "RELAY_PORT": str(port),
+            "RELAY_INTERNAL_PORT": str(internal),
+            "RELAY_BROKER_URL": "memory://",
+            "RELAY_PUBLISH_RATE": "0",
+            "RELAY_MAX_CONNECTIONS": "20000",
+            "RELAY_LOG_LEVEL": "WARNING",
+            "RELAY_CONSOLE": "false",
+            "RELAY_PING_INTERVAL": "0",
+            "RELAY_DRAIN_DELAY": "0",
+        }
+        return [sys.executable, "-m", "service"], env
+
+    def commit(self) -> str:
+        out = subprocess.run(["git", "-C", self.root, "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", self.root, "status", "--porcelain"], capture_output=True, text=True
+        )
+        return out.stdout.strip() + (" (dirty)" if dirty.stdout.strip() else "")
+
+
+def callgrind_total(directory: str) -> int:
+    """Instructions in the latest callgrind dump in `directory`."""
+    newest = max(glob.glob(os.path.join(directory, "cg.*")), key=os.path.getmtime)
+    with open(newest) as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise RuntimeError(f"no totals in {newest}")
+
+
+def control(*args: str) -> None:
+    subprocess.run(["callgrind_control", *args], check=True, capture_output=True, timeout=300)
+
+
+def spawn(argv: list[str], env: dict[str, str], cwd: str, directory: str) -> subprocess.Popen[bytes]:
+    with open(os.path.join(directory, "server.log"), "wb") as log:
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def one(target: Target, members: int, broadcasts: int, callgrind: bool) -> dict[str, Any]:
+    port, internal = free_port(), free_port()
+    argv, env = target.argv(port, internal)
+    directory = tempfile.mkdtemp(prefix="delivery-cost-")
+    if callgrind:
+        argv = [
+            "valgrind", "--tool=callgrind", "--instr-atstart=no",
+            f"--callgrind-out-file={directory}/cg.%p", *argv,
+        ]  # fmt: skip
+    proc = spawn(argv, env, target.root, directory)
+    try:
+        wait_port(port, proc, timeout=600)
+        stats = Stats(expected=members)
+        group, _ = await open_members("127.0.0.1", port, "/bench", members, stats, 50)
+        (publisher,), _ = await open_members("127.0.0.1", port, "/publisher", 1, Stats(expected=1), 1)
+        timeout = 600 if callgrind else 30
+
+        async def broadcast(i: int) -> None:
+            body = {"task": "send_message_to_group", "group_name": "bench", "seq": i, "pad": "x" * 60}
+            publisher.send_text(json.dumps(body).encode())
+            await stats.wait(i, timeout)
+
+        warm = 3
+        for i in range(1, warm + 1):
+            await broadcast(i)
+        if callgrind:
+            control("-i", "on", str(proc.pid))
+            control("-z", str(proc.pid))
+        cpu0 = cpu_seconds(proc.pid)
+        started = time.perf_counter()
+        for i in range(warm + 1, warm + broadcasts + 1):
+            await broadcast(i)
+        elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(proc.pid) - cpu0
+        result: dict[str, Any] = {"target": target.name, "members": members, "broadcasts": broadcasts}
+        deliveries = members * broadcasts
+        if callgrind:
+            control("-d", str(proc.pid))
+            result["instructions_per_delivery"] = round(callgrind_total(directory) / deliveries)
+        else:
+            result["cpu_us_per_delivery"] = round(cpu / deliveries * 1e6, 2)
+            result["seconds"] = round(elapsed, 3)
+        for member in (*group, publisher):
+            member.close()
+        return result
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    raise_fd_limit()
+    targets = [Target(spec) for spec in args.target]
+    results = []
+    for round_ in range(1, args.rounds + 1):
+        for target in targets:
+            result = await one(target, args.members, args.broadcasts, not args.cpu)
+            result["round"] = round_
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", action="append", required=True, help="NAME=PATH (relay work tree) or minimal")
+    p.add_argument("--members", type=int, default=1000)
+    p.add_argument("--broadcasts", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--cpu", action="store_true", help="no valgrind: CPU seconds from /proc instead")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    import uvloop
+
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results = uvloop.run(run(args))
+    if args.json:
+        out = {
+            "command": ".venv/bin/python -m loadtest.delivery_cost " + " ".join(sys.argv[1:]),
+            "date": date,
+            "targets": {t.name: {"root": t.root, "commit": t.commit()} for t in map(Target, args.target)},
+            "python": platform.python_version(),
+            "valgrind": ""
+            if args.cpu
+            else subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip(),
+            "results": results,
+        }
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
