@@ -254,3 +254,19 @@ async def test_idempotency_keys_are_remembered_for_the_last_1000_messages(pods: 
     assert newest.duplicate and newest.position.offset == DEDUPE_WINDOW + 1
     forgotten = await append(pods, "g:{window}", "m0", "key-0")
     assert not forgotten.duplicate and forgotten.position.offset == DEDUPE_WINDOW + 2
+
+
+# The deny list (service/revocations.py, docs/security.md "Revocation"): one pod records, all read.
+
+
+async def test_a_denied_key_is_read_by_every_pod_until_it_expires(pods: Pods) -> None:
+    """What one pod records, another reads back exactly (the revocation's wall time), for that key
+    only, until `seconds` have passed."""
+    assert await pods.b.broker.denied("user-1") is None
+    await pods.a.broker.deny("user-1", 1764000000.123456, 0.3)
+    assert await pods.b.broker.denied("user-1") == 1764000000.123456
+    assert await pods.b.broker.denied("user-2") is None
+    deadline = time.monotonic() + 5
+    while await pods.b.broker.denied("user-1") is not None:
+        assert time.monotonic() < deadline, "the deny entry never expired"
+        await asyncio.sleep(0.05)

@@ -5,6 +5,7 @@ refuses. (The outage and failover tests are tests/test_redis_failures.py and tes
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ from structlog.testing import capture_logs
 
 from service.broker import RESYNC, BrokerUnavailable, Envelope, Retention
 from service.broker import redis as redis_broker_module
-from tests.brokers import Collector, delivered_again, eventually, redis_broker
+from tests.brokers import FAST_REDIS, Collector, delivered_again, eventually, redis_broker
 from tests.helpers import metric
 from tests.redis_servers import RedisServer
 
@@ -111,3 +112,115 @@ async def test_a_command_redis_refuses_is_reported_and_counted_not_retried(
     finally:
         await broker.close()
         redis_server.call("ACL", "DELUSER", user)
+
+
+async def test_a_revocation_is_one_expiring_key_named_by_the_hash_of_the_sub(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """docs/security.md: `<prefix>:deny:<hash of sub>` holds the revocation's time and expires after
+    `deny_seconds`; any `sub` (here one with spaces and non-ASCII) makes a short plain key."""
+    broker = redis_broker(redis_server.url, redis_prefix, "a")
+    sub = "Zoë Example <zoe@example.com>"
+    try:
+        await broker.deny(sub, 1764000000.25, 100)
+        key = f"{redis_prefix}:deny:" + hashlib.sha256(sub.encode()).hexdigest()[:32]
+        assert redis_server.call("KEYS", f"{redis_prefix}:deny:*") == [key]
+        assert redis_server.call("GET", key) == "1764000000.25"
+        assert 99_000 < int(redis_server.call("PTTL", key)) <= 100_000
+        assert await broker.denied(sub) == 1764000000.25
+    finally:
+        await broker.close()
+
+
+class _Delays:
+    """Stands in for redis.py's `random`: records each backoff range and sleeps its shortest."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[float, float]] = []
+
+    def uniform(self, low: float, high: float) -> float:
+        self.ranges.append((low, high))
+        return low
+
+
+async def test_retries_back_off_doubling_to_the_maximum_and_a_stable_link_starts_again(
+    dedicated_redis: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each failed attempt waits a jittered delay that doubles from BACKOFF_MIN up to
+    redis_backoff_max; a link that lived less than STABLE_AFTER keeps the delay it had,
+    one that lived longer starts again from BACKOFF_MIN."""
+    delays = _Delays()
+    monkeypatch.setattr(redis_broker_module, "random", delays)
+    broker = redis_broker(dedicated_redis.url, redis_prefix, "a")
+    low, top = redis_broker_module.BACKOFF_MIN, FAST_REDIS["redis_backoff_max"]  # 0.05, 0.3
+    try:
+        await broker.subscribe("g:room")
+        dedicated_redis.kill()
+        await eventually(lambda: len(delays.ranges) >= 6)
+        assert delays.ranges[:5] == [
+            (low / 2, low),
+            (low, 2 * low),
+            (2 * low, 4 * low),
+            (top / 2, top),
+            (top / 2, top),
+        ]
+        dedicated_redis.start()
+        await eventually(lambda: broker.ready)
+        assert set(delays.ranges[4:]) == {(top / 2, top)}
+        delays.ranges.clear()
+        dedicated_redis.kill()  # the link lived less than STABLE_AFTER: still the longest delay
+        await eventually(lambda: len(delays.ranges) >= 1)
+        assert delays.ranges[0] == (top / 2, top)
+        dedicated_redis.start()
+        await eventually(lambda: broker.ready)
+        monkeypatch.setattr(redis_broker_module, "STABLE_AFTER", 0.0)  # now every link is stable
+        delays.ranges.clear()
+        dedicated_redis.kill()
+        await eventually(lambda: len(delays.ranges) >= 1)
+        assert delays.ranges[0] == (low / 2, low)
+    finally:
+        await broker.close()
+
+
+async def test_an_outage_shows_in_the_gauges_and_in_one_line_each_way(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """relay_redis_up and relay_redis_subscriptions follow the link and the wanted channels; the
+    logs say once that it connected, once that it was lost (why, where), once the first failed
+    attempt, and once what the outage cost."""
+    node = f"127.0.0.1:{dedicated_redis.port}"
+    broker = redis_broker(dedicated_redis.url, redis_prefix, "a")
+    try:
+        with capture_logs() as logs:
+            await broker.subscribe("g:one", "g:two", "g:three")
+            assert metric("relay_redis_up") == 1
+            assert metric("relay_redis_subscriptions") == 3
+            await broker.unsubscribe("g:three")
+            assert metric("relay_redis_subscriptions") == 2
+            dedicated_redis.kill()
+            await eventually(lambda: not broker.ready)
+            assert metric("relay_redis_up") == 0
+            for n in range(3):
+                with pytest.raises(BrokerUnavailable):
+                    await broker.publish(env(f"lost {n}"))
+            await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs))
+            dedicated_redis.start()
+            await eventually(lambda: broker.ready)
+            assert metric("relay_redis_up") == 1
+        lines = {e["event"]: e for e in logs if e["event"].startswith("broker.")}
+        assert lines["broker.connected"] == {
+            "event": "broker.connected", "log_level": "info", "nodes": [node], "channels": 3,
+        }  # fmt: skip
+        assert lines["broker.link_lost"] == {
+            "event": "broker.link_lost", "log_level": "warning", "reason": "connection_lost", "nodes": [node],
+        }  # fmt: skip
+        failed = lines["broker.connect_failed"]
+        assert (failed["log_level"], failed["retry_in"]) == ("warning", redis_broker_module.BACKOFF_MIN)
+        assert "Connect call failed" in failed["error"] or "refused" in failed["error"].lower()
+        back = lines["broker.reconnected"]
+        assert back["log_level"] == "warning" and back["nodes"] == [node] and back["channels"] == 2
+        assert back["publishes_refused"] == 3 and back["publishes_in_flight_lost"] == 0
+        assert back["failed_attempts"] >= 1 and 0 < back["outage_seconds"] < 5
+    finally:
+        await broker.close()
+    assert metric("relay_redis_up") == 0
