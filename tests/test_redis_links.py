@@ -14,7 +14,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from service.broker import BrokerUnavailable, Envelope
+from service.broker import BrokerUnavailable, Envelope, Retention
 from service.broker.redis import RedisBroker
 from service.client import RelayClient, RelayError
 from tests.brokers import Collector, delivered_again, eventually, redis_broker
@@ -196,3 +196,64 @@ async def test_a_master_demoted_under_the_link_refuses_writes_which_end_the_link
         await broker.close()
         server.kill()
         other.kill()
+
+
+async def test_commands_cut_off_with_the_link_are_sent_again_only_when_idempotent(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Redis carried out three commands but the link died before their replies came. A publish is
+    given up (sending it again could deliver it twice) and counted as lost in flight; an append (its
+    idempotency key) and a deny record are sent once more on the next link, and stored once."""
+    async with RedisProxy(redis_server.port) as proxy:
+        broker = redis_broker(proxy.url, redis_prefix, "a", redis_timeout=2.0)
+        retention = Retention(5, 60)
+        try:
+            await broker.subscribe("g:{cut}")
+            first = await broker.append(Envelope("g:{cut}", "m1", time.time()), retention, "key-1")
+            in_flight = metric("relay_broker_lost_total", reason="in_flight")
+            resent = metric("relay_broker_resent_total")
+            with capture_logs() as logs:
+                publish = asyncio.create_task(broker.publish(Envelope("g:{cut}", "cut off", time.time())))
+                append = asyncio.create_task(
+                    broker.append(Envelope("g:{cut}", "m2", time.time()), retention, "key-2")
+                )
+                deny = asyncio.create_task(broker.deny("someone", 1764000000.5, 60))
+                assert await proxy.cut(after=0.2) > 0  # the replies are dropped, then the sockets closed
+                with pytest.raises(BrokerUnavailable, match="lost before Redis answered"):
+                    await publish
+                appended = await append
+                await deny
+                await eventually(lambda: broker.ready)
+            assert metric("relay_broker_lost_total", reason="in_flight") == in_flight + 1
+            assert metric("relay_broker_resent_total") == resent + 2
+            assert appended.duplicate and appended.position.offset == 2  # carried out by the first try
+            assert appended.position.epoch == first.position.epoch
+            history = await broker.history("g:{cut}", 0, 10)
+            assert history.entries == [(1, "m1"), (2, "m2")]
+            assert await broker.denied("someone") == 1764000000.5
+            [back] = [e for e in logs if e["event"] == "broker.reconnected"]
+            assert back["publishes_in_flight_lost"] == 1 and back["publishes_refused"] == 0
+        finally:
+            await broker.close()
+
+
+async def test_a_primary_that_lost_relays_functions_gets_them_again_and_the_append_is_sent_again(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """FUNCTION FLUSH (or a node that joined empty): the append is answered "Function not found",
+    which means it was not carried out. The link is rebuilt, loading the library, and the append
+    sent once more."""
+    broker = redis_broker(dedicated_redis.url, redis_prefix, "a")
+    retention = Retention(5, 60)
+    try:
+        await broker.append(Envelope("g:{f}", "m1", time.time()), retention, "key-1")
+        dedicated_redis.call("FUNCTION", "FLUSH")
+        missing = metric("relay_redis_link_failures_total", reason="function_missing")
+        resent = metric("relay_broker_resent_total")
+        appended = await broker.append(Envelope("g:{f}", "m2", time.time()), retention, "key-2")
+        assert (appended.position.offset, appended.duplicate, appended.pods) == (2, False, 0)
+        assert metric("relay_redis_link_failures_total", reason="function_missing") == missing + 1
+        assert metric("relay_broker_resent_total") == resent + 1
+        assert dedicated_redis.call("FUNCTION", "LIST")  # loaded again
+    finally:
+        await broker.close()
