@@ -224,3 +224,52 @@ async def test_an_outage_shows_in_the_gauges_and_in_one_line_each_way(
     finally:
         await broker.close()
     assert metric("relay_redis_up") == 0
+
+
+async def test_a_redis_that_refuses_relays_functions_runs_without_history_and_says_so_once(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """FUNCTION LOAD refused (a Redis before 7.0 has no functions; here an ACL): pub/sub carries on,
+    and one error line says why history is unavailable, however often the link is rebuilt."""
+    user, password = "relay-" + secrets.token_hex(4), secrets.token_hex(8)
+    redis_server.call("ACL", "SETUSER", user, "on", ">" + password, "+@all", "-function", "~*", "&*")
+    broker = redis_broker(f"redis://{user}:{password}@127.0.0.1:{redis_server.port}", redis_prefix, "a")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    try:
+        with capture_logs() as logs:
+            await broker.subscribe("g:room")
+            first = broker._link
+            redis_server.call("CLIENT", "KILL", "USER", user)  # only this test's connections
+            await eventually(lambda: broker._link not in (None, first))
+        [line] = [e for e in logs if e["event"] == "broker.history_unavailable"]
+        assert line["log_level"] == "error" and line["needs"] == "Redis 7.0+ functions"
+        assert line["error"].startswith("NOPERM")
+        assert await broker.publish(env("still carried")) == 1
+    finally:
+        await broker.close()
+        redis_server.call("ACL", "DELUSER", user)
+
+
+async def test_a_subscription_redis_refuses_ends_the_link_and_says_why(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """An ACL that does not allow a channel: Redis answers the SUBSCRIBE with an error, which ends
+    the link (reason subscribe_refused) and is logged with Redis's words; the caller is refused."""
+    user, password = "relay-" + secrets.token_hex(4), secrets.token_hex(8)
+    allowed = [f"&{redis_prefix}:probe:*", f"&{redis_prefix}:g:ok"]
+    redis_server.call("ACL", "SETUSER", user, "on", ">" + password, "+@all", "~*", "resetchannels", *allowed)
+    broker = redis_broker(f"redis://{user}:{password}@127.0.0.1:{redis_server.port}", redis_prefix, "a")
+    try:
+        await broker.subscribe("g:ok")
+        refused = metric("relay_redis_link_failures_total", reason="subscribe_refused")
+        with capture_logs() as logs, pytest.raises(BrokerUnavailable):
+            await broker.subscribe("g:forbidden")
+        assert metric("relay_redis_link_failures_total", reason="subscribe_refused") == refused + 1
+        [line] = [e for e in logs if e["event"] == "broker.subscribe_refused"]
+        assert line["log_level"] == "error" and line["error"].startswith("NOPERM")
+        await broker.unsubscribe("g:forbidden")  # wanted no more: the next link comes up
+        await eventually(lambda: broker.ready)
+        assert await broker.publish(env("on the next link", "g:ok")) == 1
+    finally:
+        await broker.close()
+        redis_server.call("ACL", "DELUSER", user)

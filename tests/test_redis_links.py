@@ -14,7 +14,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from service.broker import BrokerUnavailable, Envelope, Retention
+from service.broker import RESYNC, BrokerUnavailable, Envelope, Retention
 from service.broker.redis import RedisBroker
 from service.client import RelayClient, RelayError
 from tests.brokers import Collector, delivered_again, eventually, redis_broker
@@ -257,3 +257,31 @@ async def test_a_primary_that_lost_relays_functions_gets_them_again_and_the_appe
         assert dedicated_redis.call("FUNCTION", "LIST")  # loaded again
     finally:
         await broker.close()
+
+
+async def test_publishes_left_unanswered_end_the_link_even_while_probes_come_back(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Redis stops answering the command connection only: the pub/sub side is lively (probes
+    return), so only the age of the oldest unanswered publish can tell. After redis_timeout the link
+    ends (publish_timeout), the publish is lost in flight, and the next link carries again."""
+    async with RedisProxy(redis_server.port) as proxy:
+        broker = redis_broker(proxy.url, redis_prefix, "a", **FAST)
+        assert isinstance(broker, RedisBroker)
+        a = Collector(broker)
+        try:
+            await broker.subscribe("g:room")
+            timeouts = metric("relay_redis_link_failures_total", reason="publish_timeout")
+            first = broker._link
+            proxy.mute(0)  # the first connection a link opens carries the commands
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailable, match="lost before Redis answered"):
+                await broker.publish(Envelope("g:room", "unanswered", time.time()))
+            assert 0.5 <= time.monotonic() - started < 3  # redis_timeout, plus a watch tick or two
+            await eventually(lambda: broker._link not in (None, first))
+            assert metric("relay_redis_link_failures_total", reason="publish_timeout") == timeouts + 1
+            assert await broker.publish(Envelope("g:room", "answered", time.time())) == 1
+            got = await a.wait_for(3)  # what Redis did carry, then the news of the new link, then more
+            assert [got[0].frame, got[1], got[2].frame] == ["unanswered", RESYNC, "answered"]
+        finally:
+            await a.stop()
