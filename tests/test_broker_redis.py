@@ -9,6 +9,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -17,7 +18,7 @@ from service.broker import RESYNC, BrokerUnavailable, Envelope, Retention
 from service.broker import redis as redis_broker_module
 from tests.brokers import FAST_REDIS, Collector, delivered_again, eventually, redis_broker
 from tests.helpers import metric
-from tests.redis_servers import RedisServer
+from tests.redis_servers import RedisServer, SentinelSet
 
 pytestmark = pytest.mark.integration
 
@@ -273,3 +274,57 @@ async def test_a_subscription_redis_refuses_ends_the_link_and_says_why(
     finally:
         await broker.close()
         redis_server.call("ACL", "DELUSER", user)
+
+
+async def test_a_sentinel_link_asks_every_probe_interval_whether_its_master_still_is_one(
+    sentinel_set: SentinelSet, redis_prefix: str
+) -> None:
+    """ROLE, then Sentinel, every probe interval: while both say master the link is kept; once
+    Sentinel names another master the link ends (not_master) and is opened again."""
+    broker = redis_broker(sentinel_set.url, redis_prefix, "a")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    topology = broker._topology
+    real = topology.confirm
+    answers: list[bool] = []
+    sentinel_agrees = [True]
+
+    async def confirm(address: Any, options: Any) -> bool:
+        answers.append(await real(address, options) and sentinel_agrees[0])
+        return answers[-1]
+
+    topology.confirm = confirm  # type: ignore[method-assign]
+    try:
+        await broker.subscribe("g:room")
+        first = broker._link
+        await eventually(lambda: len(answers) >= 3)
+        assert set(answers) == {True} and broker._link is first
+        not_master = metric("relay_redis_link_failures_total", reason="not_master")
+        sentinel_agrees[0] = False
+        await eventually(lambda: broker._link is not first)
+        await eventually(lambda: metric("relay_redis_link_failures_total", reason="not_master") > not_master)
+    finally:
+        sentinel_agrees[0] = True
+        await broker.close()
+
+
+async def test_subscriptions_go_in_confirmed_batches_a_few_at_a_time(
+    redis_server: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SUBSCRIBE_BATCH channels per command, SUBSCRIBE_WINDOW commands in flight (3 and 2 here, so
+    20 channels take seven batches): every channel is subscribed once, and unsubscribed the same way."""
+    monkeypatch.setattr(redis_broker_module, "SUBSCRIBE_BATCH", 3)
+    monkeypatch.setattr(redis_broker_module, "SUBSCRIBE_WINDOW", 2)
+    channels = [f"g:batch{n}" for n in range(20)]
+    names = [f"{redis_prefix}:{c}" for c in channels]
+    a = Collector(redis_broker(redis_server.url, redis_prefix, "a"))
+    try:
+        await a.broker.subscribe(*channels)
+        assert redis_server.call("PUBSUB", "NUMSUB", *names)[1::2] == [1] * 20
+        for channel in channels:
+            assert await a.broker.publish(env(channel, channel)) == 1
+        assert sorted(e.frame for e in await a.wait_for(20)) == sorted(channels)
+        await a.broker.unsubscribe(*channels[:19])
+        assert redis_server.call("PUBSUB", "NUMSUB", *names)[1::2] == [0] * 19 + [1]
+        assert a.broker.ready
+    finally:
+        await a.stop()
