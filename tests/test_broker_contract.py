@@ -180,7 +180,8 @@ async def test_appends_get_consecutive_offsets_in_one_epoch_and_reach_subscriber
 async def test_history_keeps_the_last_entries_in_order(pods: Pods) -> None:
     """Capped at its size; read after an offset, or the last few; `top` is the last offset."""
     for n in range(5):
-        await append(pods, "g:{capped}", f"m{n + 1}")
+        appended = await append(pods, "g:{capped}", f"m{n + 1}")
+        assert (appended.pods, appended.duplicate) == (0, False)  # nobody subscribed: not a duplicate
     history = await pods.b.broker.history("g:{capped}", 0, 10)
     assert (history.top, history.entries) == (5, [(3, "m3"), (4, "m4"), (5, "m5")])
     assert (await pods.b.broker.history("g:{capped}", 4, 10)).entries == [(5, "m5")]

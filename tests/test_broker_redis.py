@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from redis.crc import key_slot
 from structlog.testing import capture_logs
 
 from service.broker import RESYNC, BrokerUnavailable, Envelope, Retention
 from service.broker import redis as redis_broker_module
 from tests.brokers import FAST_REDIS, Collector, delivered_again, eventually, redis_broker
 from tests.helpers import metric
-from tests.redis_servers import RedisServer, SentinelSet
+from tests.redis_servers import RedisCluster, RedisServer, SentinelSet
 
 pytestmark = pytest.mark.integration
 
@@ -191,6 +192,7 @@ async def test_an_outage_shows_in_the_gauges_and_in_one_line_each_way(
     attempt, and once what the outage cost."""
     node = f"127.0.0.1:{dedicated_redis.port}"
     broker = redis_broker(dedicated_redis.url, redis_prefix, "a")
+    connect_failed = metric("relay_redis_link_failures_total", reason="connect_failed")
     try:
         with capture_logs() as logs:
             await broker.subscribe("g:one", "g:two", "g:three")
@@ -205,6 +207,7 @@ async def test_an_outage_shows_in_the_gauges_and_in_one_line_each_way(
                 with pytest.raises(BrokerUnavailable):
                     await broker.publish(env(f"lost {n}"))
             await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs))
+            assert metric("relay_redis_link_failures_total", reason="connect_failed") > connect_failed
             dedicated_redis.start()
             await eventually(lambda: broker.ready)
             assert metric("relay_redis_up") == 1
@@ -328,3 +331,52 @@ async def test_subscriptions_go_in_confirmed_batches_a_few_at_a_time(
         assert a.broker.ready
     finally:
         await a.stop()
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_subscription_sent_to_a_slots_old_owner_follows_its_moved_answer(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """The pod's slot map is stale: its SSUBSCRIBE goes to the node that owned the slot, which
+    answers MOVED on the pub/sub connection. The pod learns the slot's owner, refreshes its map and
+    subscribes there within the same call; its link is not rebuilt."""
+    channel = "g:late"
+    slot = key_slot(f"{redis_prefix}:{channel}".encode())
+    source = redis_cluster.node_for_slot(slot)
+    target = next(p for p in redis_cluster.primaries() if p is not source)
+    broker = redis_broker(redis_cluster.url, redis_prefix, "b")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    pod = Collector(broker)
+    try:
+        await eventually(lambda: broker.ready, 15)  # the link and its slot map, before the move
+        first = broker._link
+        refreshes = metric("relay_redis_slot_map_refreshes_total")
+        redis_cluster.move_slot(slot, target)
+        await broker.subscribe(channel)
+        assert target.call("PUBSUB", "SHARDNUMSUB", f"{redis_prefix}:{channel}")[1] == 1
+        assert source.call("PUBSUB", "SHARDNUMSUB", f"{redis_prefix}:{channel}")[1] == 0
+        assert metric("relay_redis_slot_map_refreshes_total") > refreshes
+        assert await broker.publish(env("found", channel)) == 1
+        assert (await pod.wait_for(1))[0].frame == "found"
+        assert broker._link is first
+    finally:
+        await pod.stop()
+        if redis_cluster.node_for_slot(slot) is not source:
+            redis_cluster.move_slot(slot, source)
+
+
+async def test_each_publish_and_append_is_timed_once(redis_server: RedisServer, redis_prefix: str) -> None:
+    """relay_redis_publish_duration_seconds: one observation per publish and per append, of the
+    time Redis took to answer (well under a second here)."""
+    broker = redis_broker(redis_server.url, redis_prefix, "a")
+    name = "relay_redis_publish_duration_seconds"
+    try:
+        await broker.subscribe("g:{timed}")
+        count, total = metric(name + "_count"), metric(name + "_sum")
+        assert await broker.publish(env("timed", "g:{timed}")) == 1
+        appended = await broker.append(env("stored", "g:{timed}"), Retention(5, 60), "key-1")
+        assert (appended.pods, appended.duplicate) == (1, False)
+        assert metric(name + "_count") == count + 2
+        assert 0 < metric(name + "_sum") - total < 1
+    finally:
+        await broker.close()

@@ -83,6 +83,9 @@ async def test_liveness_fails_when_the_task_carrying_messages_stops(redis_server
             check = "broker" if victim == "supervisor" else "delivery"
             assert health.json()["checks"][check] is False, victim
             assert any(e["log_level"] == "error" for e in logs), victim
+            if victim == "supervisor":
+                [line] = [e for e in logs if e["event"] == "broker.supervisor_stopped"]
+                assert (line["log_level"], line["error"]) == ("error", "cancelled")
 
 
 async def test_a_protocol_error_reports_the_link_lost_and_it_is_rebuilt(
