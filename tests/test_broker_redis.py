@@ -17,6 +17,7 @@ from structlog.testing import capture_logs
 
 from service.broker import RESYNC, BrokerUnavailable, Envelope, Retention
 from service.broker import redis as redis_broker_module
+from service.broker.resp import ConnectionLost
 from tests.brokers import FAST_REDIS, Collector, delivered_again, eventually, redis_broker
 from tests.helpers import metric
 from tests.redis_servers import RedisCluster, RedisServer, SentinelSet
@@ -352,7 +353,11 @@ async def test_a_subscription_sent_to_a_slots_old_owner_follows_its_moved_answer
         first = broker._link
         refreshes = metric("relay_redis_slot_map_refreshes_total")
         redis_cluster.move_slot(slot, target)
-        await broker.subscribe(channel)
+        with capture_logs() as logs:
+            await broker.subscribe(channel)
+        [line, *_] = [e for e in logs if e["event"] == "broker.slot_map_refreshed"]
+        assert line["log_level"] == "info"
+        assert sorted(line["nodes"]) == sorted(p.address for p in redis_cluster.primaries())
         assert target.call("PUBSUB", "SHARDNUMSUB", f"{redis_prefix}:{channel}")[1] == 1
         assert source.call("PUBSUB", "SHARDNUMSUB", f"{redis_prefix}:{channel}")[1] == 0
         assert metric("relay_redis_slot_map_refreshes_total") > refreshes
@@ -380,3 +385,47 @@ async def test_each_publish_and_append_is_timed_once(redis_server: RedisServer, 
         assert 0 < metric(name + "_sum") - total < 1
     finally:
         await broker.close()
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_slot_map_that_cannot_be_refreshed_rebuilds_the_link(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """As above, but no node answers CLUSTER SLOTS when the pod asks again: the refresh gives up,
+    says why, and the whole link is rebuilt (topology_changed); the subscription is refused, stays
+    wanted, and is made on the slot's new owner by the next link."""
+    channel = "g:stranded"
+    slot = key_slot(f"{redis_prefix}:{channel}".encode())
+    source = redis_cluster.node_for_slot(slot)
+    target = next(p for p in redis_cluster.primaries() if p is not source)
+    broker = redis_broker(redis_cluster.url, redis_prefix, "b")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    topology = broker._topology
+    real = topology.discover
+    unanswered = [True]
+
+    async def discover(options: Any) -> Any:
+        if unanswered[0]:
+            raise ConnectionLost("no cluster node gave a usable slot map: (a test)")
+        return await real(options)
+
+    try:
+        await broker.subscribe("g:first")  # the link and its slot map, before the move
+        changed = metric("relay_redis_link_failures_total", reason="topology_changed")
+        topology.discover = discover  # type: ignore[method-assign]
+        redis_cluster.move_slot(slot, target)
+        with capture_logs() as logs, pytest.raises(BrokerUnavailable):
+            await broker.subscribe(channel)
+        [line] = [e for e in logs if e["event"] == "broker.slot_map_refresh_failed"]
+        assert line["log_level"] == "warning" and line["error"].endswith("(a test)")
+        await eventually(
+            lambda: metric("relay_redis_link_failures_total", reason="topology_changed") > changed
+        )
+        unanswered[0] = False
+        name = f"{redis_prefix}:{channel}"
+        await eventually(lambda: target.call("PUBSUB", "SHARDNUMSUB", name)[1] == 1, 10)
+    finally:
+        unanswered[0] = False
+        await broker.close()
+        if redis_cluster.node_for_slot(slot) is not source:
+            redis_cluster.move_slot(slot, source)
