@@ -53,8 +53,8 @@ class RedisProxy:
         return len(live)
 
     def mute(self, connection: int) -> None:
-        """Drop Redis's replies on one connection, counted from 0 in the order relay opened them,
-        and leave it open: a Redis that stopped answering that connection only."""
+        """Drop Redis's replies on one connection (an index into the connections in the order relay
+        opened them; -1 the newest) and leave it open: a Redis that stopped answering it only."""
         self._muted.add(self._connections[connection][0])
 
     async def cut(self, after: float) -> int:

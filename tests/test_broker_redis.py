@@ -320,16 +320,19 @@ async def test_subscriptions_go_in_confirmed_batches_a_few_at_a_time(
     monkeypatch.setattr(redis_broker_module, "SUBSCRIBE_WINDOW", 2)
     channels = [f"g:batch{n}" for n in range(20)]
     names = [f"{redis_prefix}:{c}" for c in channels]
-    a = Collector(redis_broker(redis_server.url, redis_prefix, "a"))
+    broker = redis_broker(redis_server.url, redis_prefix, "a")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    a = Collector(broker)
     try:
         await a.broker.subscribe(*channels)
+        first = broker._link
         assert redis_server.call("PUBSUB", "NUMSUB", *names)[1::2] == [1] * 20
         for channel in channels:
             assert await a.broker.publish(env(channel, channel)) == 1
         assert sorted(e.frame for e in await a.wait_for(20)) == sorted(channels)
         await a.broker.unsubscribe(*channels[:19])
         assert redis_server.call("PUBSUB", "NUMSUB", *names)[1::2] == [0] * 19 + [1]
-        assert a.broker.ready
+        assert broker._link is first and not first.failed  # confirmed: the link goes on
     finally:
         await a.stop()
 

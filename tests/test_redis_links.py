@@ -288,3 +288,35 @@ async def test_publishes_left_unanswered_end_the_link_even_while_probes_come_bac
             assert [got[0].frame, got[1], got[2].frame] == ["unanswered", RESYNC, "answered"]
         finally:
             await a.stop()
+
+
+async def test_subscription_changes_redis_does_not_confirm_end_the_link(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Redis takes a SUBSCRIBE or UNSUBSCRIBE but never confirms it (its replies on the pub/sub
+    connection stop): within redis_timeout the caller is told (subscribe) or the call returns
+    (unsubscribe), and either way the link is rebuilt (subscribe_timeout), subscribed to exactly
+    what is wanted. Probes are 30 s apart here, so only the confirmation can tell."""
+    async with RedisProxy(redis_server.port) as proxy:
+        slow_probes = {"redis_probe_interval": 30.0, "redis_timeout": 0.5, "redis_backoff_max": 0.3}
+        broker = redis_broker(proxy.url, redis_prefix, "a", **slow_probes)
+        assert isinstance(broker, RedisBroker)
+        timeouts = lambda: metric("relay_redis_link_failures_total", reason="subscribe_timeout")  # noqa: E731
+        before = timeouts()
+        try:
+            await broker.subscribe("g:kept", "g:dropped")
+            first = broker._link
+            proxy.mute(-1)  # the newest connection: this link's pub/sub one
+            with pytest.raises(BrokerUnavailable):
+                await broker.subscribe("g:unconfirmed")
+            await eventually(lambda: broker._link not in (None, first))
+            assert timeouts() == before + 1
+            second = broker._link
+            proxy.mute(-1)
+            await broker.unsubscribe("g:dropped")
+            await eventually(lambda: broker._link not in (None, second))
+            assert timeouts() == before + 2
+            channels = set(redis_server.call("PUBSUB", "CHANNELS", f"{redis_prefix}:g:*"))
+            assert channels == {f"{redis_prefix}:g:kept", f"{redis_prefix}:g:unconfirmed"}
+        finally:
+            await broker.close()
