@@ -332,7 +332,7 @@ async def test_subscriptions_go_in_confirmed_batches_a_few_at_a_time(
         assert sorted(e.frame for e in await a.wait_for(20)) == sorted(channels)
         await a.broker.unsubscribe(*channels[:19])
         assert redis_server.call("PUBSUB", "NUMSUB", *names)[1::2] == [0] * 19 + [1]
-        assert broker._link is first and not first.failed  # confirmed: the link goes on
+        assert first is not None and broker._link is first and not first.failed  # confirmed: kept
     finally:
         await a.stop()
 

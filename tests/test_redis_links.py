@@ -301,7 +301,10 @@ async def test_subscription_changes_redis_does_not_confirm_end_the_link(
         slow_probes = {"redis_probe_interval": 30.0, "redis_timeout": 0.5, "redis_backoff_max": 0.3}
         broker = redis_broker(proxy.url, redis_prefix, "a", **slow_probes)
         assert isinstance(broker, RedisBroker)
-        timeouts = lambda: metric("relay_redis_link_failures_total", reason="subscribe_timeout")  # noqa: E731
+
+        def timeouts() -> float:
+            return metric("relay_redis_link_failures_total", reason="subscribe_timeout")
+
         before = timeouts()
         try:
             await broker.subscribe("g:kept", "g:dropped")
