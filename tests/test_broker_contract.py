@@ -187,6 +187,7 @@ async def test_history_keeps_the_last_entries_in_order(pods: Pods) -> None:
     assert (await pods.b.broker.history("g:{capped}", 4, 10)).entries == [(5, "m5")]
     assert (await pods.b.broker.history("g:{capped}", 2, 1)).entries == [(3, "m3")]
     assert (await pods.b.broker.history("g:{capped}", None, 1)).entries == [(5, "m5")]
+    assert (await pods.b.broker.history("g:{capped}", None, 2)).entries == [(4, "m4"), (5, "m5")]
     assert (await pods.b.broker.history("g:{capped}", None, 0)).entries == []
     nothing = await pods.b.broker.history("g:{never}", 0, 10)
     assert (nothing.epoch, nothing.top, nothing.entries) == ("", 0, [])
