@@ -323,3 +323,25 @@ async def test_subscription_changes_redis_does_not_confirm_end_the_link(
             assert channels == {f"{redis_prefix}:g:kept", f"{redis_prefix}:g:unconfirmed"}
         finally:
             await broker.close()
+
+
+async def test_a_subscription_whose_link_ends_before_redis_confirms_is_refused_at_once(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The link dies while a SUBSCRIBE awaits its confirmation: the caller is refused as soon as
+    the link ends (link.py `_Node.release`), not told it is subscribed, and not kept waiting for
+    redis_timeout (5 s here)."""
+    async with RedisProxy(redis_server.port) as proxy:
+        patient = {"redis_probe_interval": 30.0, "redis_timeout": 5.0, "redis_backoff_max": 0.3}
+        broker = redis_broker(proxy.url, redis_prefix, "a", **patient)
+        try:
+            await broker.subscribe("g:first")
+            proxy.mute(-1)  # the confirmation never comes...
+            started = time.monotonic()
+            subscribing = asyncio.create_task(broker.subscribe("g:cut"))
+            await proxy.cut(after=0.1)  # ...and the link ends while it is awaited
+            with pytest.raises(BrokerUnavailable):
+                await subscribing
+            assert time.monotonic() - started < 2.5
+        finally:
+            await broker.close()
