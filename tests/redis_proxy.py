@@ -2,9 +2,10 @@
 
 Everything passes through unchanged until the test breaks it: `corrupt()` writes bytes of its
 choosing into the stream towards relay on every open connection (a middlebox gone wrong, a server
-speaking something other than RESP); `cut()` lets relay's commands through to Redis but drops Redis's
-replies, then closes the connections: commands carried out whose outcome relay never learns, as
-when a network partition or a dying node takes the replies with it.
+speaking something other than RESP); `mute()` drops Redis's replies on one connection and keeps it
+open; `cut()` lets relay's commands through to Redis but drops Redis's replies, then closes the
+connections: commands carried out whose outcome relay never learns, as when a network partition or
+a dying node takes the replies with it.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ class RedisProxy:
         for writer in live:
             writer.write(data)
         return len(live)
+
+    def mute(self, connection: int) -> None:
+        """Drop Redis's replies on one connection (an index into the connections in the order relay
+        opened them; -1 the newest) and leave it open: a Redis that stopped answering it only."""
+        self._muted.add(self._connections[connection][0])
 
     async def cut(self, after: float) -> int:
         """Drop every reply on the open connections from now on and close them `after` seconds

@@ -228,6 +228,16 @@ class RedisCluster:
     def healthy(self) -> bool:
         return all("cluster_state:ok" in n.call("CLUSTER", "INFO") for n in self.nodes_alive())
 
+    def move_slot(self, slot: int, target: RedisServer) -> None:
+        """Reshard one (keyless) slot to `target`, as redis-cli --cluster reshard does."""
+        source = self.node_for_slot(slot)
+        source_id, target_id = source.call("CLUSTER", "MYID"), target.call("CLUSTER", "MYID")
+        target.call("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.call("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        for node in (target, source, *self.primaries()):
+            node.call("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        wait_until(lambda: self.node_for_slot(slot) is target, 10, f"slot {slot} to move")
+
 
 def start_cluster(directory: Path) -> RedisCluster:
     cluster_args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]

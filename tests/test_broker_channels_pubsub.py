@@ -9,16 +9,19 @@ import asyncio
 import binascii
 import json
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
 
-from service.broker import BrokerUnavailable, Envelope, Retention
+from service.broker import BrokerUnavailable, Envelope, Retention, open_broker
 from service.broker.channels_pubsub import BridgedBroker, decode, group_channel, naming, shard
 from service.broker.memory import MemoryBroker, MemoryBus
 from service.broker.wire import BadPayload
-from tests.brokers import Collector
+from service.config import Settings
+from tests.brokers import FAST_REDIS, Collector, eventually
 from tests.helpers import metric
+from tests.redis_servers import RedisServer, start_redis
 
 
 def channels_redis_consistent_hash(value: str, ring_size: int) -> int:
@@ -170,3 +173,46 @@ async def test_alive_while_every_link_is() -> None:
     bridge = Bridge()
     assert bridge.broker.alive and bridge.broker.ready
     await bridge.broker.close()
+
+
+@pytest.mark.integration
+async def test_open_broker_listens_on_each_of_the_apps_hosts_as_the_settings_say(
+    redis_server: RedisServer, dedicated_redis: RedisServer, tmp_path: Path, redis_prefix: str
+) -> None:
+    """RELAY_CHANNELS_PUBSUB_URLS (two hosts) and _PREFIX: each group is heard on the host
+    channels_redis picks, under the layer's name, as the consumer's frame. The listeners only
+    listen: no rules, no history functions on the app's Redis. (tests/test_channels_pubsub.py does
+    this with a real Django app.)"""
+    other = start_redis(tmp_path / "app2")
+    hosts = [dedicated_redis, other]
+    settings = Settings(
+        broker_url=redis_server.url,
+        redis_prefix=redis_prefix,
+        pod_id="a",
+        channels_pubsub_urls=f"{dedicated_redis.url}, {other.url}",
+        channels_pubsub_prefix="myapp",
+        **FAST_REDIS,
+    )
+    broker = open_broker(settings)
+    assert isinstance(broker, BridgedBroker)
+    pod = Collector(broker)
+    names = [f"room-{n}" for n in range(100)]
+    on_host = [[g for g in names if shard(group_channel("myapp", g), 2) == n] for n in (0, 1)]
+    groups = on_host[0][:3] + on_host[1][:3]
+    try:
+        await broker.subscribe(*(f"g:{{{g}}}" for g in groups))
+        for group in groups:
+            name, host = group_channel("myapp", group), hosts[shard(group_channel("myapp", group), 2)]
+            await eventually(lambda: host.call("PUBSUB", "NUMSUB", name)[1] == 1)  # noqa: B023
+            host.call("PUBLISH", name, msgpack.packb({"type": "chat.message", "message": group}))
+        got = await pod.wait_for(len(groups))
+        assert sorted((e.channel, e.frame) for e in got) == sorted(
+            (f"g:{{{g}}}", json.dumps({"message": g})) for g in groups
+        )
+        for host in hosts:
+            assert host.call("KEYS", "*") == [] and host.call("FUNCTION", "LIST") == []
+            assert "name=relay:a " in host.call("CLIENT", "LIST")
+        assert redis_server.call("GET", f"{redis_prefix}:rules") == '{"group":[]}'
+    finally:
+        await pod.stop()
+        other.kill()

@@ -191,12 +191,14 @@ async def test_appends_get_consecutive_offsets_in_one_epoch_and_reach_subscriber
 async def test_history_keeps_the_last_entries_in_order(pods: Pods) -> None:
     """Capped at its size; read after an offset, or the last few; `top` is the last offset."""
     for n in range(5):
-        await append(pods, "g:{capped}", f"m{n + 1}")
+        appended = await append(pods, "g:{capped}", f"m{n + 1}")
+        assert (appended.pods, appended.duplicate) == (0, False)  # nobody subscribed: not a duplicate
     history = await pods.b.broker.history("g:{capped}", 0, 10)
     assert (history.top, history.entries) == (5, [(3, "m3"), (4, "m4"), (5, "m5")])
     assert (await pods.b.broker.history("g:{capped}", 4, 10)).entries == [(5, "m5")]
     assert (await pods.b.broker.history("g:{capped}", 2, 1)).entries == [(3, "m3")]
     assert (await pods.b.broker.history("g:{capped}", None, 1)).entries == [(5, "m5")]
+    assert (await pods.b.broker.history("g:{capped}", None, 2)).entries == [(4, "m4"), (5, "m5")]
     assert (await pods.b.broker.history("g:{capped}", None, 0)).entries == []
     nothing = await pods.b.broker.history("g:{never}", 0, 10)
     assert (nothing.epoch, nothing.top, nothing.entries) == ("", 0, [])
@@ -361,4 +363,19 @@ async def eventually_settled(pods: Pods, channel: str) -> None:
     while len(pods.b.envelopes) == before:
         assert time.monotonic() < deadline, "no leave event"
         await update(pods.a.broker, channel, TERMS)
+
+
+# The deny list (service/revocations.py, docs/security.md "Revocation"): one pod records, all read.
+
+
+async def test_a_denied_key_is_read_by_every_pod_until_it_expires(pods: Pods) -> None:
+    """What one pod records, another reads back exactly (the revocation's wall time), for that key
+    only, until `seconds` have passed."""
+    assert await pods.b.broker.denied("user-1") is None
+    await pods.a.broker.deny("user-1", 1764000000.123456, 0.3)
+    assert await pods.b.broker.denied("user-1") == 1764000000.123456
+    assert await pods.b.broker.denied("user-2") is None
+    deadline = time.monotonic() + 5
+    while await pods.b.broker.denied("user-1") is not None:
+        assert time.monotonic() < deadline, "the deny entry never expired"
         await asyncio.sleep(0.05)

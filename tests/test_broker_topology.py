@@ -18,8 +18,8 @@ from redis.crc import key_slot
 
 from service.broker import open_broker
 from service.broker.cluster import ClusterTopology
-from service.broker.link import MISSING_LIBRARY, error_kind, redirect
-from service.broker.resp import Address, ConnectionLost, ConnectOptions, ReplyError
+from service.broker.link import MISSING_LIBRARY, _Link, _Node, error_kind, redirect
+from service.broker.resp import Address, ConnectionLost, ConnectOptions, ReplyError, RespConnection
 from service.broker.topology import (
     RedisUrl,
     SentinelTopology,
@@ -495,6 +495,28 @@ def test_redirections_are_read_from_the_error_reply(
 )
 def test_an_error_reply_is_known_by_its_code_word(error: str, kind: str) -> None:
     assert error_kind(ReplyError(error)) == kind
+
+
+async def test_a_retired_node_is_closed_and_released_without_failing_the_link(
+    redis_server: RedisServer,
+) -> None:
+    """A primary that owns no slots now (link.py `_Link.retire`): its connections close, whoever
+    waited on it is told "not confirmed", and the link lives on."""
+    address = Address("127.0.0.1", redis_server.port)
+    link = _Link()
+    old, newer = _Node(address, b"probe"), _Node(address, b"probe")
+    old.pub = old.sub = await RespConnection.open(address, ConnectOptions())
+    newer.pub = newer.sub = await RespConnection.open(address, ConnectOptions())
+    link.nodes[address] = old
+    waiter = old.expect(b"channel")
+    link.retire(old)
+    assert link.nodes == {} and not link.failed and not link.broken.done()
+    assert waiter.result() is False and old.answered.is_set() and old.pub.closed
+    link.nodes[address] = newer
+    link.retire(old)  # retired again, late: the node now at its address stays
+    assert link.nodes == {address: newer} and not newer.pub.closed
+    link.fail("closed")
+    await link.wait_closed()
 
 
 def test_open_broker_refuses_an_unknown_scheme() -> None:

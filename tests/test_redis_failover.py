@@ -20,7 +20,7 @@ from service.broker.redis import RedisBroker
 from service.broker.resp import Address
 from tests.brokers import Collector, delivered_again, eventually, redis_broker
 from tests.helpers import metric
-from tests.redis_servers import RedisCluster, RedisServer, SentinelSet, wait_until
+from tests.redis_servers import RedisCluster, SentinelSet
 
 pytestmark = pytest.mark.integration
 
@@ -73,16 +73,6 @@ async def test_cluster_primary_killed_the_broker_follows_the_new_slot_owner(
         await b.stop()
 
 
-def move_slot(cluster: RedisCluster, slot: int, source: RedisServer, target: RedisServer) -> None:
-    """Reshard one (keyless) slot from `source` to `target`, as redis-cli --cluster reshard does."""
-    source_id, target_id = source.call("CLUSTER", "MYID"), target.call("CLUSTER", "MYID")
-    target.call("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
-    source.call("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
-    for node in (target, source, *cluster.primaries()):
-        node.call("CLUSTER", "SETSLOT", slot, "NODE", target_id)
-    wait_until(lambda: cluster.node_for_slot(slot) is target, 10, f"slot {slot} to move")
-
-
 @pytest.mark.xdist_group("redis-cluster")
 async def test_a_moved_slot_is_followed_without_dropping_the_link(
     redis_cluster: RedisCluster, redis_prefix: str
@@ -106,7 +96,7 @@ async def test_a_moved_slot_is_followed_without_dropping_the_link(
         await b.wait_for(1)
         failures = sum_metric("relay_redis_link_failures_total")
         refreshes = metric("relay_redis_slot_map_refreshes_total")
-        move_slot(cluster, slot, source, target)
+        cluster.move_slot(slot, target)
         full_name = f"{redis_prefix}:{channel}"
         # b's subscription follows the slot: Redis dropped it on the source, b moves it.
         await eventually(lambda: target.call("PUBSUB", "SHARDNUMSUB", full_name)[1] == 1, 10)
@@ -122,7 +112,7 @@ async def test_a_moved_slot_is_followed_without_dropping_the_link(
         await a.stop()
         await b.stop()
         if cluster.node_for_slot(slot) is not source:
-            move_slot(cluster, slot, cluster.node_for_slot(slot), source)
+            cluster.move_slot(slot, source)
 
 
 @pytest.mark.xdist_group("redis-cluster")

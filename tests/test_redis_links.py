@@ -14,7 +14,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from service.broker import BrokerUnavailable, Envelope
+from service.broker import RESYNC, BrokerUnavailable, Envelope, Retention
 from service.broker.redis import RedisBroker
 from service.client import RelayClient, RelayError
 from tests.brokers import Collector, delivered_again, eventually, redis_broker
@@ -83,6 +83,9 @@ async def test_liveness_fails_when_the_task_carrying_messages_stops(redis_server
             check = "broker" if victim == "supervisor" else "delivery"
             assert health.json()["checks"][check] is False, victim
             assert any(e["log_level"] == "error" for e in logs), victim
+            if victim == "supervisor":
+                [line] = [e for e in logs if e["event"] == "broker.supervisor_stopped"]
+                assert (line["log_level"], line["error"]) == ("error", "cancelled")
 
 
 async def test_a_protocol_error_reports_the_link_lost_and_it_is_rebuilt(
@@ -196,3 +199,149 @@ async def test_a_master_demoted_under_the_link_refuses_writes_which_end_the_link
         await broker.close()
         server.kill()
         other.kill()
+
+
+async def test_commands_cut_off_with_the_link_are_sent_again_only_when_idempotent(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Redis carried out three commands but the link died before their replies came. A publish is
+    given up (sending it again could deliver it twice) and counted as lost in flight; an append (its
+    idempotency key) and a deny record are sent once more on the next link, and stored once."""
+    async with RedisProxy(redis_server.port) as proxy:
+        broker = redis_broker(proxy.url, redis_prefix, "a", redis_timeout=2.0)
+        retention = Retention(5, 60)
+        try:
+            await broker.subscribe("g:{cut}")
+            first = await broker.append(Envelope("g:{cut}", "m1", time.time()), retention, "key-1")
+            in_flight = metric("relay_broker_lost_total", reason="in_flight")
+            resent = metric("relay_broker_resent_total")
+            with capture_logs() as logs:
+                publish = asyncio.create_task(broker.publish(Envelope("g:{cut}", "cut off", time.time())))
+                append = asyncio.create_task(
+                    broker.append(Envelope("g:{cut}", "m2", time.time()), retention, "key-2")
+                )
+                deny = asyncio.create_task(broker.deny("someone", 1764000000.5, 60))
+                assert await proxy.cut(after=0.2) > 0  # the replies are dropped, then the sockets closed
+                with pytest.raises(BrokerUnavailable, match="lost before Redis answered"):
+                    await publish
+                appended = await append
+                await deny
+                await eventually(lambda: broker.ready)
+            assert metric("relay_broker_lost_total", reason="in_flight") == in_flight + 1
+            assert metric("relay_broker_resent_total") == resent + 2
+            assert appended.duplicate and appended.position.offset == 2  # carried out by the first try
+            assert appended.position.epoch == first.position.epoch
+            history = await broker.history("g:{cut}", 0, 10)
+            assert history.entries == [(1, "m1"), (2, "m2")]
+            assert await broker.denied("someone") == 1764000000.5
+            [back] = [e for e in logs if e["event"] == "broker.reconnected"]
+            assert back["publishes_in_flight_lost"] == 1 and back["publishes_refused"] == 0
+        finally:
+            await broker.close()
+
+
+async def test_a_primary_that_lost_relays_functions_gets_them_again_and_the_append_is_sent_again(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """FUNCTION FLUSH (or a node that joined empty): the append is answered "Function not found",
+    which means it was not carried out. The link is rebuilt, loading the library, and the append
+    sent once more."""
+    broker = redis_broker(dedicated_redis.url, redis_prefix, "a")
+    retention = Retention(5, 60)
+    try:
+        await broker.append(Envelope("g:{f}", "m1", time.time()), retention, "key-1")
+        dedicated_redis.call("FUNCTION", "FLUSH")
+        missing = metric("relay_redis_link_failures_total", reason="function_missing")
+        resent = metric("relay_broker_resent_total")
+        appended = await broker.append(Envelope("g:{f}", "m2", time.time()), retention, "key-2")
+        assert (appended.position.offset, appended.duplicate, appended.pods) == (2, False, 0)
+        assert metric("relay_redis_link_failures_total", reason="function_missing") == missing + 1
+        assert metric("relay_broker_resent_total") == resent + 1
+        assert dedicated_redis.call("FUNCTION", "LIST")  # loaded again
+    finally:
+        await broker.close()
+
+
+async def test_publishes_left_unanswered_end_the_link_even_while_probes_come_back(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Redis stops answering the command connection only: the pub/sub side is lively (probes
+    return), so only the age of the oldest unanswered publish can tell. After redis_timeout the link
+    ends (publish_timeout), the publish is lost in flight, and the next link carries again."""
+    async with RedisProxy(redis_server.port) as proxy:
+        broker = redis_broker(proxy.url, redis_prefix, "a", **FAST)
+        assert isinstance(broker, RedisBroker)
+        a = Collector(broker)
+        try:
+            await broker.subscribe("g:room")
+            timeouts = metric("relay_redis_link_failures_total", reason="publish_timeout")
+            first = broker._link
+            proxy.mute(0)  # the first connection a link opens carries the commands
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailable, match="lost before Redis answered"):
+                await broker.publish(Envelope("g:room", "unanswered", time.time()))
+            assert 0.5 <= time.monotonic() - started < 3  # redis_timeout, plus a watch tick or two
+            await eventually(lambda: broker._link not in (None, first))
+            assert metric("relay_redis_link_failures_total", reason="publish_timeout") == timeouts + 1
+            assert await broker.publish(Envelope("g:room", "answered", time.time())) == 1
+            got = await a.wait_for(3)  # what Redis did carry, then the news of the new link, then more
+            assert [got[0].frame, got[1], got[2].frame] == ["unanswered", RESYNC, "answered"]
+        finally:
+            await a.stop()
+
+
+async def test_subscription_changes_redis_does_not_confirm_end_the_link(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Redis takes a SUBSCRIBE or UNSUBSCRIBE but never confirms it (its replies on the pub/sub
+    connection stop): within redis_timeout the caller is told (subscribe) or the call returns
+    (unsubscribe), and either way the link is rebuilt (subscribe_timeout), subscribed to exactly
+    what is wanted. Probes are 30 s apart here, so only the confirmation can tell."""
+    async with RedisProxy(redis_server.port) as proxy:
+        slow_probes = {"redis_probe_interval": 30.0, "redis_timeout": 0.5, "redis_backoff_max": 0.3}
+        broker = redis_broker(proxy.url, redis_prefix, "a", **slow_probes)
+        assert isinstance(broker, RedisBroker)
+
+        def timeouts() -> float:
+            return metric("relay_redis_link_failures_total", reason="subscribe_timeout")
+
+        before = timeouts()
+        try:
+            await broker.subscribe("g:kept", "g:dropped")
+            first = broker._link
+            proxy.mute(-1)  # the newest connection: this link's pub/sub one
+            with pytest.raises(BrokerUnavailable):
+                await broker.subscribe("g:unconfirmed")
+            await eventually(lambda: broker._link not in (None, first))
+            assert timeouts() == before + 1
+            second = broker._link
+            proxy.mute(-1)
+            await broker.unsubscribe("g:dropped")
+            await eventually(lambda: broker._link not in (None, second))
+            assert timeouts() == before + 2
+            channels = set(redis_server.call("PUBSUB", "CHANNELS", f"{redis_prefix}:g:*"))
+            assert channels == {f"{redis_prefix}:g:kept", f"{redis_prefix}:g:unconfirmed"}
+        finally:
+            await broker.close()
+
+
+async def test_a_subscription_whose_link_ends_before_redis_confirms_is_refused_at_once(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The link dies while a SUBSCRIBE awaits its confirmation: the caller is refused as soon as
+    the link ends (link.py `_Node.release`), not told it is subscribed, and not kept waiting for
+    redis_timeout (5 s here)."""
+    async with RedisProxy(redis_server.port) as proxy:
+        patient = {"redis_probe_interval": 30.0, "redis_timeout": 5.0, "redis_backoff_max": 0.3}
+        broker = redis_broker(proxy.url, redis_prefix, "a", **patient)
+        try:
+            await broker.subscribe("g:first")
+            proxy.mute(-1)  # the confirmation never comes...
+            started = time.monotonic()
+            subscribing = asyncio.create_task(broker.subscribe("g:cut"))
+            await proxy.cut(after=0.1)  # ...and the link ends while it is awaited
+            with pytest.raises(BrokerUnavailable):
+                await subscribing
+            assert time.monotonic() - started < 2.5
+        finally:
+            await broker.close()

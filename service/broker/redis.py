@@ -524,6 +524,7 @@ class RedisBroker:
         nodes = [str(a) for a in link.nodes]
         if self._down_since is None:
             log.info("broker.connected", nodes=nodes, channels=len(self._wanted))
+            self._count_losses_anew()
             return
         metrics.REDIS_RECONNECTS.inc()
         self._inbox.put_nowait([RESYNC])  # the hub reads history for what it may have missed
@@ -538,6 +539,13 @@ class RedisBroker:
             channels=len(self._wanted),
         )
         self._down_since = None
+        self._count_losses_anew()
+
+    def _count_losses_anew(self) -> None:
+        # Reset when a link comes up, not when it goes down: the publishes in flight when a link
+        # dies fail before the supervisor hears of it, and belong to the outage that follows.
+        self._refused = 0
+        self._in_flight_lost = 0
 
     def _went_down(self, link: _Link, reason: str) -> None:
         link.fail(reason)
@@ -550,8 +558,6 @@ class RedisBroker:
             return
         metrics.REDIS_LINK_FAILURES.labels(reason).inc()
         self._down_since = time.monotonic()
-        self._refused = 0
-        self._in_flight_lost = 0
         log.warning("broker.link_lost", reason=reason, nodes=[str(a) for a in link.nodes])
 
     # --- subscriptions -------------------------------------------------------------------------
