@@ -363,6 +363,7 @@ async def eventually_settled(pods: Pods, channel: str) -> None:
     while len(pods.b.envelopes) == before:
         assert time.monotonic() < deadline, "no leave event"
         await update(pods.a.broker, channel, TERMS)
+        await asyncio.sleep(0.05)
 
 
 # The deny list (service/revocations.py, docs/security.md "Revocation"): one pod records, all read.
