@@ -207,7 +207,7 @@ async def test_an_outage_shows_in_the_gauges_and_in_one_line_each_way(
             await eventually(lambda: not broker.ready)
             assert metric("relay_redis_up") == 0
             for n in range(3):
-                with pytest.raises(BrokerUnavailable):
+                with pytest.raises(BrokerUnavailable, match="the Redis link is down"):
                     await broker.publish(env(f"lost {n}"))
             await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs))
             assert metric("relay_redis_link_failures_total", reason="connect_failed") > connect_failed
@@ -345,16 +345,20 @@ async def test_a_subscription_sent_to_a_slots_old_owner_follows_its_moved_answer
 ) -> None:
     """The pod's slot map is stale: its SSUBSCRIBE goes to the node that owned the slot, which
     answers MOVED on the pub/sub connection. The pod learns the slot's owner, refreshes its map and
-    subscribes there within the same call; its link is not rebuilt."""
+    subscribes there within the same call; its link is not rebuilt. Another pod's SPUBLISH, also
+    answered MOVED, is sent again to the new owner, which its map now names."""
     channel = "g:late"
     slot = key_slot(f"{redis_prefix}:{channel}".encode())
     source = redis_cluster.node_for_slot(slot)
     target = next(p for p in redis_cluster.primaries() if p is not source)
     broker = redis_broker(redis_cluster.url, redis_prefix, "b")
+    publisher = redis_broker(redis_cluster.url, redis_prefix, "a")
     assert isinstance(broker, redis_broker_module.RedisBroker)
+    assert isinstance(publisher, redis_broker_module.RedisBroker)
     pod = Collector(broker)
     try:
         await eventually(lambda: broker.ready, 15)  # the link and its slot map, before the move
+        await publisher.publish(env("before", "g:elsewhere"))  # the publisher's map, before it too
         first = broker._link
         refreshes = metric("relay_redis_slot_map_refreshes_total")
         redis_cluster.move_slot(slot, target)
@@ -366,11 +370,16 @@ async def test_a_subscription_sent_to_a_slots_old_owner_follows_its_moved_answer
         assert target.call("PUBSUB", "SHARDNUMSUB", f"{redis_prefix}:{channel}")[1] == 1
         assert source.call("PUBSUB", "SHARDNUMSUB", f"{redis_prefix}:{channel}")[1] == 0
         assert metric("relay_redis_slot_map_refreshes_total") > refreshes
-        assert await broker.publish(env("found", channel)) == 1
+        # the publisher's SPUBLISH goes to the old owner, is answered MOVED, and sent where it says
+        assert await publisher.publish(env("found", channel)) == 1
         assert (await pod.wait_for(1))[0].frame == "found"
+        assert publisher._topology.route(f"{redis_prefix}:{channel}".encode()) == Address(
+            "127.0.0.1", target.port
+        )
         assert broker._link is first
     finally:
         await pod.stop()
+        await publisher.close()
         if redis_cluster.node_for_slot(slot) is not source:
             redis_cluster.move_slot(slot, source)
 
@@ -437,15 +446,20 @@ async def test_a_slot_map_that_cannot_be_refreshed_rebuilds_the_link(
 
 
 async def test_closing_is_quiet_and_final(redis_server: RedisServer, redis_prefix: str) -> None:
-    """close(): the stream ends, the link and relay_redis_up go, nothing is logged as an error, and
-    the broker still counts as alive (it was closed, it did not die)."""
-    a = Collector(redis_broker(redis_server.url, redis_prefix, "a"))
+    """close(): the stream ends, the link and relay_redis_up go, nothing is logged as an error, the
+    broker still counts as alive (it was closed, it did not die), and a publish after it is refused
+    at once (not after waiting redis_timeout, 5 s here, for a link that will not come)."""
+    a = Collector(redis_broker(redis_server.url, redis_prefix, "a", redis_timeout=5.0))
     await a.broker.subscribe("g:room")
     with capture_logs() as logs:
         await a.stop()  # close(), then the stream must end
     assert not a.broker.ready and a.broker.alive
     assert metric("relay_redis_up") == 0
     assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="the Redis link is down"):
+        await a.broker.publish(env("too late"))
+    assert time.monotonic() - started < 2.5
     await a.broker.close()  # again: nothing to do
 
 
@@ -495,5 +509,33 @@ async def test_a_channel_whose_primary_cannot_be_reached_is_refused(
         await broker.subscribe("g:here")
         with pytest.raises(BrokerUnavailable):
             await broker.subscribe("g:elsewhere")
+    finally:
+        await broker.close()
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_command_redirected_more_than_max_redirects_times_is_given_up(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """A slot map that keeps naming the wrong node (here: a topology that ignores MOVED and routes
+    to a node that does not own the slot): after MAX_REDIRECTS tries the command is refused and
+    counted, not chased forever."""
+    key = f"{redis_prefix}:g:lost".encode()
+    owner = redis_cluster.node_for_slot(key_slot(key))
+    wrong = next(p for p in redis_cluster.primaries() if p is not owner)
+    broker = redis_broker(redis_cluster.url, redis_prefix, "a")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    try:
+        await broker.publish(env("connected", "g:lost"))
+        topology = broker._topology
+        real = topology.route
+        wrong_address = Address("127.0.0.1", wrong.port)
+        topology.route = lambda channel: wrong_address if channel == key else real(channel)  # type: ignore[method-assign]
+        topology.moved = lambda slot, address: None  # type: ignore[method-assign]
+        rejected = metric("relay_broker_lost_total", reason="rejected")
+        with pytest.raises(BrokerUnavailable, match="redirected the command more than 5 times"):
+            await broker.publish(env("nowhere", "g:lost"))
+        assert metric("relay_broker_lost_total", reason="rejected") == rejected + 1
+        assert redis_broker_module.MAX_REDIRECTS == 5
     finally:
         await broker.close()

@@ -16,6 +16,8 @@ from structlog.testing import capture_logs
 
 from service.broker import RESYNC, BrokerUnavailable, Envelope, Retention
 from service.broker.redis import RedisBroker
+from service.broker.resp import Address, ConnectOptions
+from service.broker.topology import SingleTopology
 from service.client import RelayClient, RelayError
 from tests.brokers import Collector, delivered_again, eventually, redis_broker
 from tests.helpers import closed_with, join, metric, running_pod, ws_url
@@ -345,3 +347,27 @@ async def test_a_subscription_whose_link_ends_before_redis_confirms_is_refused_a
             assert time.monotonic() - started < 2.5
         finally:
             await broker.close()
+
+
+async def test_a_command_refused_as_not_carried_out_is_sent_once_more_not_again_and_again(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    """READONLY on the next link too (a link that, announcing nothing, can open on a replica): the
+    command was sent twice, once per link, and then refused with Redis's reason, not sent around
+    until the redirect limit."""
+    server, other = start_redis(tmp_path / "a"), start_redis(tmp_path / "b")
+    address = Address("127.0.0.1", server.port)
+    broker = RedisBroker(
+        SingleTopology(address), ConnectOptions(timeout=0.5), pod_id="a", prefix=redis_prefix
+    )
+    try:
+        await broker.command(b"k", b"SET", f"{redis_prefix}:k", b"v")
+        server.call("REPLICAOF", "127.0.0.1", other.port)
+        resent = metric("relay_broker_resent_total")
+        with pytest.raises(BrokerUnavailable, match="Redis refused the command: READONLY"):
+            await broker.command(b"k", b"SET", f"{redis_prefix}:k", b"w")
+        assert metric("relay_broker_resent_total") == resent + 1
+    finally:
+        await broker.close()
+        server.kill()
+        other.kill()
