@@ -243,13 +243,13 @@ def test_locust_smoke_profile_across_two_workers(pod: PodProcess, tmp_path: Path
     assert acc["unique"] >= 0.9 * summary["published"] * 5  # ~5 members per group
     assert summary["latency"]["p99_ms"] < 500
     # Locust exits 1 when any event failed: a busy machine may starve the generator for a second
-    # (a GEN failure) in a run that is valid as a whole; nothing else may fail.
+    # (a GEN failure: its lag, or a late publish) in a run valid as a whole; nothing else may fail.
     failed = {
         k: row["Failure Count"]
         for k, row in rows.items()
         if k[1] != "Aggregated" and row["Failure Count"] != "0"
     }
-    assert set(failed) <= {("GEN", "generator lag (worst per second)")}, failed
+    assert all(kind == "GEN" for kind, _ in failed), failed  # the generator's own health only
     assert run.returncode == (1 if failed else 0), run.stderr[-3000:]
 
 
