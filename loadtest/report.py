@@ -80,6 +80,7 @@ def figures(run: dict[str, Any]) -> dict[str, float | None]:
     one = ramps.get((shapes[1], "relay 1 pod")) if len(shapes) > 1 else None
     at50 = [s for s in one["steps"] if s["rate"] == 50 and s["summary"]["ok"]] if one else []
     out["one group: relay 1 pod max msg/s"] = float(one["max_rate"]) if one else None
+    out[f"one group: {LIMIT} max msg/s"] = max_rate(1, LIMIT)
     out["one group: relay 1 pod p99 at 50 msg/s (ms)"] = (
         at50[0]["summary"]["latency"]["p99_ms"] if at50 else None
     )
@@ -100,6 +101,74 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
         values = [value for f in per_run if (value := f[key]) is not None]
         out[key] = statistics.median(values) if values else None
     return out
+
+
+# Issue 17's targets: (label, relay's figure, the Python limit's, most relay / limit, or an absolute
+# ceiling ("<=") / floor (">=") relay must reach on its own). A target with both is met by either.
+TARGETS: tuple[tuple[str, str, float | None, str, float | None], ...] = (
+    ("server CPU µs per delivery at its max, 1,000 in 100 groups", "cpu", 1.3, "", None),
+    ("broadcast to the last of 5,000 members (ms)", "broadcast", 1.2, "<=", 50.0),
+    ("KiB per idle connection, fresh pod, 10,000 connections", "fresh", None, "<=", 12.0),
+    ("new connections/s (limit / relay)", "connect", None, ">=", 3000.0),
+    ("max msg/s, 1,000 in one group (limit / relay)", "one", 1.5, "", None),
+)
+
+
+def _target_keys(med: dict[str, float | None], what: str) -> tuple[str, str]:
+    """The keys of relay's and the Python limit's figure for one target."""
+    if what == "cpu":
+        key = next((k for k in med if k.startswith("server CPU") and k.endswith(": relay 1 pod")), "")
+    else:
+        key = {
+            "broadcast": "relay 1 pod: broadcast to the last idle member (ms)",
+            "fresh": "relay 1 pod: KiB per idle connection, fresh",
+            "connect": "relay 1 pod: new connections/s",
+            "one": "one group: relay 1 pod max msg/s",
+        }[what]
+    return key, key.replace("relay 1 pod", LIMIT)
+
+
+def targets(med: dict[str, float | None], runs: list[dict[str, Any]]) -> list[str]:
+    """Issue 17's targets against the medians: relay, the Python limit, their ratio, met or not."""
+    lines = [
+        "## Targets: relay against the Python limit",
+        "",
+        "The targets relay holds itself to (issue 17), from the medians above; a ratio is relay's figure "
+        "over the Python limit's, except for rates (the limit's over relay's), so above 1 is always "
+        "relay's cost.",
+        "",
+        "| figure | relay 1 pod | Python limit | ratio | target | met |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for label, what, most, sign, bound in TARGETS:
+        mine, theirs = (med.get(k) for k in _target_keys(med, what))
+        ratio = None
+        if mine and theirs:
+            ratio = theirs / mine if what in ("one", "connect") else mine / theirs
+        wanted = []
+        met = False
+        if most is not None:
+            wanted.append(f"<= {most}x")
+            met = met or (ratio is not None and ratio <= most)
+        if bound is not None:
+            wanted.append(f"{sign} {bound:,g}")
+            if mine is not None:
+                met = met or (mine <= bound if sign == "<=" else mine >= bound)
+        ratio_cell = f"{ratio:.2f}x" if ratio is not None else "n/a"
+        verdict = "yes" if met else "**no**"
+        lines.append(
+            f"| {label} | {_fmt(mine, digits=1)} | {_fmt(theirs, digits=1)} | {ratio_cell} | "
+            f"{' or '.join(wanted)} | {verdict} |"
+        )
+    stops = [
+        f"run {run['run']}, {r['target']} after {r['max_rate']:g} msg/s: {r['limit']}"
+        for run in runs
+        for r in run["ramps"]
+        if r["target"] in ("relay 1 pod", LIMIT) and r["shape"].endswith(" 1 groups")
+    ]
+    if stops:
+        lines += ["", "What stopped the one-group ramps:", "", *[f"- {x}" for x in stops]]
+    return [*lines, ""]
 
 
 def headline(runs: list[dict[str, Any]]) -> list[str]:
@@ -125,8 +194,10 @@ def headline(runs: list[dict[str, Any]]) -> list[str]:
 README_START, README_END = "<!-- make bench: start -->", "<!-- make bench: end -->"
 
 
-def readme_block(med: dict[str, float | None], commit: str, runs: int) -> str:
+def readme_block(med: dict[str, float | None], runs: list[dict[str, Any]]) -> str:
     """The README's headline bullet, from the medians in docs/benchmarks.json (a test checks it is)."""
+    commit = runs[0]["git_commit"]
+    fresh = runs[0].get("idle_fresh", {}).get("relay 1 pod", {}).get("connections", 0)
     groups = next((k for k in med if k.startswith("max msg/s,") and k.endswith(": relay 1 pod")), "")
     relay = med.get(groups) or 0.0
 
@@ -144,7 +215,7 @@ def readme_block(med: dict[str, float | None], commit: str, runs: int) -> str:
     return "\n".join(
         [
             README_START,
-            f"- Fast on a 2-core machine, one pod on Redis (medians of {runs} runs of `make bench` at "
+            f"- Fast on a 2-core machine, one pod on Redis (medians of {len(runs)} runs of `make bench` at "
             f"{commit[:7]}, [docs/benchmarks.md](docs/benchmarks.md)):",
             f"  {_fmt(relay)} messages/s to 1,000 subscribers in 100 groups: {times('Django Channels')} the "
             f"Django Channels app it replaces, {times('Django async pubsub')} the best async Django "
@@ -154,7 +225,7 @@ def readme_block(med: dict[str, float | None], commit: str, runs: int) -> str:
             f"{fig('relay 1 pod: broadcast to the last idle member (ms)')} ms "
             f"({fig(LIMIT + ': broadcast to the last idle member (ms)')} ms for the Python limit); "
             f"{fig('relay 1 pod: KiB per idle connection, fresh', 1)} KiB per idle connection on a fresh "
-            f"pod, {fig('relay 1 pod: new connections/s')} new connections/s.",
+            f"pod with {fresh:,}, {fig('relay 1 pod: new connections/s')} new connections/s.",
             README_END,
         ]
     )
@@ -180,7 +251,7 @@ def write_report(runs: list[dict[str, Any]], out: str, argv: Sequence[str] = ())
         json.dump({"medians": med, "runs": runs}, f, indent=1, default=str)
     readme = os.path.join(os.path.dirname(docs), "README.md")
     if os.path.exists(readme):
-        update_readme(readme, readme_block(med, first["git_commit"], len(runs)))
+        update_readme(readme, readme_block(med, runs))
     lines = [
         "# Benchmarks",
         "",
@@ -209,6 +280,7 @@ def write_report(runs: list[dict[str, Any]], out: str, argv: Sequence[str] = ())
         "## Headline figures, per run and their medians",
         "",
         *headline(runs),
+        *targets(med, runs),
     ]
     for results in runs:
         lines += [f"## Run {results['run']}", ""]
@@ -340,7 +412,7 @@ def _cpu_at_max(ramp: dict[str, Any]) -> float | None:
 
 def _fresh(results: dict[str, Any], name: str) -> str:
     fresh = results.get("idle_fresh", {}).get(name)
-    return f"{fresh['kib_per_connection']:.1f}" if fresh else "-"
+    return f"{fresh['kib_per_connection']:.1f} at {fresh['connections']:,}" if fresh else "-"
 
 
 def _attempt(step: dict[str, Any]) -> str:
