@@ -18,11 +18,17 @@ minimal.py, the asyncio + uvloop floor). Pods use the memory broker, no keepaliv
 (RELAY_PING_INTERVAL=0: they would land in the window at random) and no rate limits. `--cpu` runs
 the same without valgrind and reports CPU seconds per delivery from /proc instead (noisy on a
 shared machine: alternate targets over `--rounds`).
+
+`--connections N` counts the other cost a server pays per client: N handshakes (each up to its
+welcome frame, 50 at a time), then their N closes, each phase once the server is quiet:
+
+    .venv/bin/python -m loadtest.delivery_cost --connections 500 --target relay=. --target minimal
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import glob
 import json
 import os
@@ -90,7 +96,45 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str, directory: str) -> sub
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-async def one(target: Target, members: int, broadcasts: int, callgrind: bool) -> dict[str, Any]:
+async def quiet(pid: int, window: float) -> None:
+    """Until the server spent under 2% of `window` on CPU over it (done with what it was sent)."""
+    last = cpu_seconds(pid)
+    while True:
+        await asyncio.sleep(window)
+        now = cpu_seconds(pid)
+        if now - last < 0.02 * window:
+            return
+        last = now
+
+
+async def handshakes(pid: int, port: int, n: int, directory: str | None) -> dict[str, float]:
+    """The server's cost of n handshakes (up to the welcome frame each), then of their n closes:
+    instructions under callgrind (`directory` holds its dumps), CPU seconds from /proc otherwise."""
+    out: dict[str, float] = {}
+    window = 2.0 if directory else 0.5
+    members: list[Any] = []
+    for phase in ("open", "close"):
+        await quiet(pid, window)
+        if directory:
+            control("-z", str(pid))
+        cpu0 = cpu_seconds(pid)
+        if phase == "open":
+            members, _ = await open_members("127.0.0.1", port, "/c", n, Stats(expected=n), 50)
+        else:
+            for member in members:
+                member.close()
+            await quiet(pid, window)
+        if directory:
+            control("-d", str(pid))
+            out[f"instructions_per_{phase}"] = round(callgrind_total(directory) / n)
+        else:
+            out[f"cpu_us_per_{phase}"] = round((cpu_seconds(pid) - cpu0) / n * 1e6, 1)
+    return out
+
+
+async def one(
+    target: Target, members: int, broadcasts: int, callgrind: bool, connections: int = 0
+) -> dict[str, Any]:
     port, internal = free_port(), free_port()
     argv, env = target.argv(port, internal)
     directory = tempfile.mkdtemp(prefix="delivery-cost-")
@@ -102,6 +146,11 @@ async def one(target: Target, members: int, broadcasts: int, callgrind: bool) ->
     proc = spawn(argv, env, target.root, directory)
     try:
         wait_port(port, proc, timeout=600)
+        if connections:
+            if callgrind:
+                control("-i", "on", str(proc.pid))
+            found = await handshakes(proc.pid, port, connections, directory if callgrind else None)
+            return {"target": target.name, "connections": connections, **found}
         stats = Stats(expected=members)
         group, _ = await open_members("127.0.0.1", port, "/bench", members, stats, 50)
         (publisher,), _ = await open_members("127.0.0.1", port, "/publisher", 1, Stats(expected=1), 1)
@@ -151,7 +200,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     for round_ in range(1, args.rounds + 1):
         for target in targets:
-            result = await one(target, args.members, args.broadcasts, not args.cpu)
+            result = await one(target, args.members, args.broadcasts, not args.cpu, args.connections)
             result["round"] = round_
             print(json.dumps(result), flush=True)
             results.append(result)
@@ -164,6 +213,12 @@ def main() -> None:
     p.add_argument("--members", type=int, default=1000)
     p.add_argument("--broadcasts", type=int, default=20)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="measure handshakes and closes of this many connections instead of deliveries",
+    )
     p.add_argument("--cpu", action="store_true", help="no valgrind: CPU seconds from /proc instead")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()

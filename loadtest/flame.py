@@ -7,6 +7,9 @@ publishers send --rate messages per second for --seconds, and the profile covers
 versions and the load actually delivered:
 
     .venv-load/bin/python -m loadtest.flame --out docs/plots/flame-relay.svg
+    .venv-load/bin/python -m loadtest.flame --connections 2000 --out docs/plots/flame-connect.svg
+
+The second profiles handshakes instead: rounds of 2,000 new connections, each closed before the next.
 
 Open the SVG in a browser (it is interactive: click to zoom, search with Ctrl+F).
 """
@@ -42,12 +45,29 @@ async def drive(url: str, rate: float, seconds: float) -> dict[str, Any]:
     return {"connect_seconds": connect_s, "step": step}
 
 
+async def churn(url: str, connections: int, seconds: float) -> dict[str, Any]:
+    """Rounds of `connections` new sockets (100 at a time), each round closed before the next."""
+    rates: list[float] = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        fleet = Fleet([url], Shape("churn", [connections]), publishers=1, connect_concurrency=100)
+        rates.append(await fleet.connect())
+        await fleet.close()
+    return {"connect_per_s": rates, "step": {"rounds": len(rates), "connections": connections}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "plots", "flame-relay.svg"))
     p.add_argument("--rate", type=float, default=2000.0, help="publishes per second (10 deliveries each)")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--sample-rate", type=int, default=250)
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=0,
+        help="profile handshakes instead: rounds of this many new connections, for --seconds",
+    )
     args = p.parse_args()
     raise_fd_limit()
     commit, dirty = git("rev-parse", "HEAD"), [line[3:] for line in git("status", "--porcelain").splitlines()]
@@ -72,22 +92,29 @@ def main() -> None:
             proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_port(port, proc)
-            load = asyncio.run(drive(f"ws://127.0.0.1:{port}", args.rate, args.seconds))
+            url = f"ws://127.0.0.1:{port}"
+            load = asyncio.run(
+                churn(url, args.connections, args.seconds)
+                if args.connections
+                else drive(url, args.rate, args.seconds)
+            )
         finally:
             proc.wait(timeout=duration + 60)  # py-spy stops at --duration, writes the SVG, ends the pod
-    summary = load["step"]["summary"] if "summary" in load["step"] else load["step"]
+    summary = load["step"].get("summary", load["step"])
     result = {
         "command": " ".join([".venv-load/bin/python -m loadtest.flame", *sys.argv[1:]]),
         "git_commit": commit,
         "git_dirty_files": dirty,  # before the run: its own output is not a change
         "versions": {"python": platform.python_version(), "py-spy": version("py-spy")},
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "shape": "1000 subscribers in 100 groups, 4 publishers",
-        "rate": args.rate,
+        "shape": f"rounds of {args.connections} new connections, each round closed before the next"
+        if args.connections
+        else "1000 subscribers in 100 groups, 4 publishers",
+        "rate": None if args.connections else args.rate,
         "seconds": args.seconds,
         "sample_rate": args.sample_rate,
         "svg": os.path.relpath(args.out, ROOT),
-        "load": {"connect_seconds": load["connect_seconds"], "summary": summary},
+        "load": {k: v for k, v in load.items() if k != "step"} | {"summary": summary},
     }
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         f.write(json.dumps(result, indent=1, default=str) + "\n")
