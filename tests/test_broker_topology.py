@@ -507,16 +507,20 @@ async def test_a_retired_node_is_closed_and_released_without_failing_the_link(
     old, newer = _Node(address, b"probe"), _Node(address, b"probe")
     old.pub = old.sub = await RespConnection.open(address, ConnectOptions())
     newer.pub = newer.sub = await RespConnection.open(address, ConnectOptions())
-    link.nodes[address] = old
-    waiter = old.expect(b"channel")
-    link.retire(old)
-    assert link.nodes == {} and not link.failed and not link.broken.done()
-    assert waiter.result() is False and old.answered.is_set() and old.pub.closed
-    link.nodes[address] = newer
-    link.retire(old)  # retired again, late: the node now at its address stays
-    assert link.nodes == {address: newer} and not newer.pub.closed
-    link.fail("closed")
-    await link.wait_closed()
+    try:
+        link.nodes[address] = old
+        waiter = old.expect(b"channel")
+        link.retire(old)
+        assert link.nodes == {} and not link.failed and not link.broken.done()
+        assert waiter.result() is False and old.answered.is_set() and old.pub.closed
+        link.nodes[address] = newer
+        link.retire(old)  # retired again, late: the node now at its address stays
+        assert link.nodes == {address: newer} and not newer.pub.closed
+    finally:  # closed whatever failed above: an open connection would hang the test's teardown
+        link.fail("closed")
+        for node in (old, newer):
+            node.close()
+        await link.wait_closed()
 
 
 def test_open_broker_refuses_an_unknown_scheme() -> None:
