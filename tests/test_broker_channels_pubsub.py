@@ -149,6 +149,17 @@ async def test_publishes_and_history_go_to_relays_redis_only() -> None:
     await bridge.broker.close()
 
 
+async def test_the_deny_list_is_kept_on_relays_redis_only() -> None:
+    """docs/security.md "Revocation": the record is relay's, read back exactly, for that key only."""
+    bridge = Bridge()
+    await bridge.broker.deny("user-1", 1764000000.5, 60)
+    assert await bridge.primary.denied("user-1") == 1764000000.5
+    assert await bridge.broker.denied("user-1") == 1764000000.5
+    assert await bridge.broker.denied("user-2") is None
+    assert not any(bus.denied for bus in bridge.app_buses)
+    await bridge.broker.close()
+
+
 class Down(MemoryBroker):
     async def subscribe(self, *channels: str) -> None:
         raise BrokerUnavailable("the app's Redis is down")
