@@ -206,15 +206,17 @@ async def test_a_master_demoted_under_the_link_refuses_writes_which_end_the_link
 async def test_commands_cut_off_with_the_link_are_sent_again_only_when_idempotent(
     redis_server: RedisServer, redis_prefix: str
 ) -> None:
-    """Redis carried out three commands but the link died before their replies came. A publish is
+    """Redis carried out four commands but the link died before their replies came. A publish is
     given up (sending it again could deliver it twice) and counted as lost in flight; an append (its
-    idempotency key) and a deny record are sent once more on the next link, and stored once."""
+    idempotency key), a deny record and a read of one are sent once more on the next link, and
+    stored once."""
     async with RedisProxy(redis_server.port) as proxy:
         broker = redis_broker(proxy.url, redis_prefix, "a", redis_timeout=2.0)
         retention = Retention(5, 60)
         try:
             await broker.subscribe("g:{cut}")
             first = await broker.append(Envelope("g:{cut}", "m1", time.time()), retention, "key-1")
+            await broker.deny("earlier", 1764000000.25, 60)
             in_flight = metric("relay_broker_lost_total", reason="in_flight")
             resent = metric("relay_broker_resent_total")
             with capture_logs() as logs:
@@ -223,14 +225,16 @@ async def test_commands_cut_off_with_the_link_are_sent_again_only_when_idempoten
                     broker.append(Envelope("g:{cut}", "m2", time.time()), retention, "key-2")
                 )
                 deny = asyncio.create_task(broker.deny("someone", 1764000000.5, 60))
+                read = asyncio.create_task(broker.denied("earlier"))
                 assert await proxy.cut(after=0.2) > 0  # the replies are dropped, then the sockets closed
                 with pytest.raises(BrokerUnavailable, match="lost before Redis answered"):
                     await publish
                 appended = await append
                 await deny
+                assert await read == 1764000000.25
                 await eventually(lambda: broker.ready)
             assert metric("relay_broker_lost_total", reason="in_flight") == in_flight + 1
-            assert metric("relay_broker_resent_total") == resent + 2
+            assert metric("relay_broker_resent_total") == resent + 3
             assert appended.duplicate and appended.position.offset == 2  # carried out by the first try
             assert appended.position.epoch == first.position.epoch
             history = await broker.history("g:{cut}", 0, 10)
