@@ -145,7 +145,9 @@ def _rule(entry: Any, where: str) -> GroupRule:
         raise SettingsError(f"{where} ({match}): `latest` needs a history of at least 1")
     ttl = entry.get("ttl", 300)
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL:
-        raise SettingsError(f"{where} ({match}): `ttl` must be a number of seconds from 1 to {int(MAX_TTL)}")
+        raise SettingsError(
+            f"{where} ({match}): `ttl` must be a number of seconds above 0, at most {int(MAX_TTL)}"
+        )
     presence = entry.get("presence", "off")
     if presence not in PRESENCE_MODES:
         raise SettingsError(f'{where} ({match}): `presence` must be "off", "counts" or "full"')
