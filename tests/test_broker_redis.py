@@ -539,3 +539,181 @@ async def test_a_command_redirected_more_than_max_redirects_times_is_given_up(
         assert redis_broker_module.MAX_REDIRECTS == 5
     finally:
         await broker.close()
+
+
+async def test_unsubscribing_what_was_never_subscribed_does_nothing(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A channel never subscribed (or already unsubscribed) may be unsubscribed: nothing happens,
+    the wanted channels and the link stay as they were."""
+    broker = redis_broker(redis_server.url, redis_prefix, "a")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    try:
+        await broker.subscribe("g:kept")
+        first = broker._link
+        await broker.unsubscribe("g:never")
+        await broker.unsubscribe("g:kept")
+        await broker.unsubscribe("g:kept")  # twice
+        assert broker._wanted == {} and broker._link is first and first is not None and not first.failed
+    finally:
+        await broker.close()
+
+
+async def test_only_a_cluster_link_refreshes_a_slot_map(redis_server: RedisServer, redis_prefix: str) -> None:
+    """One server (or Sentinel's master) has no slot map: nothing asks for a refresh of it."""
+    broker = redis_broker(redis_server.url, redis_prefix, "a")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    try:
+        await broker.subscribe("g:room")
+        link = broker._link
+        assert link is not None
+        broker._refresh_soon(link)
+        assert link.refreshing is None
+    finally:
+        await broker.close()
+
+
+def _cluster_broker(redis_cluster: RedisCluster, prefix: str, pod_id: str, **overrides: Any) -> Any:
+    broker = redis_broker(redis_cluster.url, prefix, pod_id, **overrides)
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    return broker
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_slot_map_refresh_has_twice_redis_timeout(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """CLUSTER SLOTS, connecting new primaries and moving subscriptions get 2 x redis_timeout
+    together: a refresh that takes 1.25 x is followed, one that takes 2.5 x gives up (the error
+    names the timeout) and rebuilds the link."""
+    timeout = 0.4
+    broker = _cluster_broker(redis_cluster, redis_prefix, "a", redis_timeout=timeout)
+    topology = broker._topology
+    real = topology.discover
+    delay = [0.0]
+
+    async def slow(options: Any) -> Any:
+        await asyncio.sleep(delay[0])
+        return await real(options)
+
+    try:
+        await broker.subscribe("g:room")
+        link = broker._link
+        topology.discover = slow
+        delay[0] = 1.25 * timeout
+        with capture_logs() as logs:
+            broker._refresh_soon(link)
+            await link.refreshing
+        assert [e["event"] for e in logs if e["event"].startswith("broker.slot_map")] == [
+            "broker.slot_map_refreshed"
+        ]
+        assert broker._link is link and not link.failed
+        delay[0] = 2.5 * timeout
+        with capture_logs() as logs:
+            broker._refresh_soon(link)
+            await link.refreshing
+        [line] = [e for e in logs if e["event"].startswith("broker.slot_map")]
+        assert line == {
+            "event": "broker.slot_map_refresh_failed", "log_level": "warning", "error": "TimeoutError"
+        }  # fmt: skip
+        assert link.failed and link.broken.result() == "topology_changed"
+    finally:
+        await broker.close()
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_refresh_whose_moved_subscriptions_go_unconfirmed_rebuilds_the_link(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """A slot moves; its channel's new owner takes the SSUBSCRIBE but does not answer within
+    redis_timeout (here: CLIENT PAUSE): the refresh gives up, says so, and the link is rebuilt,
+    which subscribes the channel on its new owner once that answers again."""
+    channel = "g:paused"
+    name = f"{redis_prefix}:{channel}"
+    slot = key_slot(name.encode())
+    source = redis_cluster.node_for_slot(slot)
+    target = next(p for p in redis_cluster.primaries() if p is not source)
+    broker = _cluster_broker(redis_cluster, redis_prefix, "a", redis_probe_interval=30.0, redis_timeout=0.4)
+    topology = broker._topology
+    real = topology.discover
+    pause = [True]
+
+    async def then_pause(options: Any) -> Any:
+        addresses = await real(options)
+        if pause[0]:
+            pause[0] = False
+            target.call("CLIENT", "PAUSE", 1500, "ALL")
+        return addresses
+
+    try:
+        await broker.subscribe(channel)
+        first = broker._link
+        topology.discover = then_pause
+        with capture_logs() as logs:
+            redis_cluster.move_slot(slot, target)  # the old owner tells the pod: sunsubscribe
+            await eventually(lambda: first.failed)
+        [line] = [e for e in logs if e["event"].startswith("broker.slot_map")]
+        assert line == {
+            "event": "broker.slot_map_refresh_failed",
+            "log_level": "warning",
+            "error": "Redis did not confirm the moved subscriptions in time",
+        }
+        assert first.broken.result() == "topology_changed"
+        await eventually(lambda: target.call("PUBSUB", "SHARDNUMSUB", name)[1] == 1, 10)
+    finally:
+        pause[0] = False
+        await broker.close()
+        if redis_cluster.node_for_slot(slot) is not source:
+            redis_cluster.move_slot(slot, source)
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_primary_left_without_slots_is_let_go_and_the_link_carries_on(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """After a reshard a primary may own no slot: a refresh closes the pod's connections to it
+    and keeps the rest of the link. A command that was waiting there (here a BLPOP, idempotent) is
+    not sent again on the same link, whose outcome there is unknown: it is refused after
+    redis_timeout, as no new link comes. (The reshard is shown to the pod, not made: its CLUSTER
+    SLOTS reply is rewritten so that one primary's ranges belong to another.)"""
+    pod_id = "retire" + secrets.token_hex(3)
+    broker = _cluster_broker(redis_cluster, redis_prefix, pod_id, redis_probe_interval=30.0)
+    topology = broker._topology
+    real = topology._load
+    primaries = redis_cluster.primaries()
+    emptied, heir = primaries[0], primaries[1]
+    rewrite = [False]
+
+    def load(reply: Any, seed: Any) -> Any:
+        if rewrite[0]:
+            heir_node = next(e[2] for e in reply if e[2][1] == heir.port)
+            reply = [[s, e, heir_node if node[1] == emptied.port else node] for s, e, node, *_ in reply]
+        return real(reply, seed)
+
+    def ours(server: RedisServer) -> int:
+        return str(server.call("CLIENT", "LIST")).count(f"name=relay:{pod_id} ")
+
+    try:
+        await broker.subscribe("g:room")
+        link = broker._link
+        assert ours(emptied) == 2  # commands and pub/sub
+        keys = (f"{redis_prefix}:k{n}" for n in range(1000))
+        key = next(k for k in keys if redis_cluster.node_for_slot(key_slot(k.encode())) is emptied)
+        waiting = asyncio.create_task(broker.command(key.encode(), b"BLPOP", key, b"10", idempotent=True))
+        await eventually(lambda: emptied.info("clients")["blocked_clients"] >= 1)
+        topology._load = load
+        rewrite[0] = True
+        with capture_logs() as logs:
+            broker._refresh_soon(link)
+            await link.refreshing
+        with pytest.raises(BrokerUnavailable, match="lost before Redis answered"):
+            await asyncio.wait_for(waiting, 5)
+        [line] = [e for e in logs if e["event"].startswith("broker.slot_map")]
+        assert line["event"] == "broker.slot_map_refreshed"
+        assert sorted(line["nodes"]) == sorted(p.address for p in primaries if p is not emptied)
+        assert broker._link is link and not link.failed
+        assert Address("127.0.0.1", emptied.port) not in link.nodes
+        await eventually(lambda: ours(emptied) == 0)
+        assert all(ours(p) == 2 for p in primaries if p is not emptied)
+    finally:
+        await broker.close()
