@@ -371,3 +371,26 @@ async def test_a_command_refused_as_not_carried_out_is_sent_once_more_not_again_
         await broker.close()
         server.kill()
         other.kill()
+
+
+async def test_an_error_on_the_pubsub_connection_is_logged_cut_short_and_ends_the_link(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """An error reply on the pub/sub connection that is no redirection: the link ends
+    (subscribe_refused) and one error line gives its first 200 characters."""
+    async with RedisProxy(redis_server.port) as proxy:
+        quiet = {"redis_probe_interval": 30.0, "redis_timeout": 0.5, "redis_backoff_max": 0.3}
+        broker = redis_broker(proxy.url, redis_prefix, "a", **quiet)
+        assert isinstance(broker, RedisBroker)
+        try:
+            await broker.subscribe("g:room")
+            first = broker._link
+            text = "ERR " + "why " * 100
+            with capture_logs() as logs:
+                assert proxy.corrupt(b"-" + text.encode() + b"\r\n") == 2
+                await eventually(lambda: broker._link not in (None, first))
+            [line] = [e for e in logs if e["event"] == "broker.subscribe_refused"]
+            assert (line["log_level"], line["error"]) == ("error", text[:200])
+            assert first is not None and first.broken.result() == "subscribe_refused"
+        finally:
+            await broker.close()
