@@ -723,3 +723,31 @@ async def test_a_primary_left_without_slots_is_let_go_and_the_link_carries_on(
         assert all(ours(p) == 2 for p in primaries if p is not emptied)
     finally:
         await broker.close()
+
+
+class _LongDelays:
+    """Stands in for redis.py's `random`: every backoff is a minute, so the supervisor waits."""
+
+    def uniform(self, low: float, high: float) -> float:
+        return 60.0
+
+
+async def test_between_attempts_a_subscribe_is_refused_at_once(
+    dedicated_redis: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only while a link is being opened does a subscribe wait (up to redis_timeout, 2 s here) for
+    it; between attempts, in an outage, it is refused at once. The channel stays wanted."""
+    monkeypatch.setattr(redis_broker_module, "random", _LongDelays())
+    broker = redis_broker(dedicated_redis.url, redis_prefix, "a", redis_timeout=2.0)
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    try:
+        await broker.subscribe("g:room")
+        dedicated_redis.kill()
+        await eventually(lambda: metric("relay_redis_up") == 0 and not broker._connecting)
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable):
+            await broker.subscribe("g:other")
+        assert time.monotonic() - started < 1.0
+        assert set(broker._wanted.values()) == {"g:room", "g:other"}
+    finally:
+        await broker.close()
