@@ -751,3 +751,48 @@ async def test_between_attempts_a_subscribe_is_refused_at_once(
         assert set(broker._wanted.values()) == {"g:room", "g:other"}
     finally:
         await broker.close()
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_subscribe_waiting_on_a_refresh_the_link_ends_under_is_refused_not_cancelled(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """A subscribe answered MOVED waits for the slot map refresh before trying again; the link
+    dies during that refresh (here one of the pod's connections is killed), which cancels the
+    refresh. The subscribe is refused (BrokerUnavailable), not cancelled: a caller must not take
+    the link's end for its own cancellation."""
+    channel = "g:cut-refresh"
+    slot = key_slot(f"{redis_prefix}:{channel}".encode())
+    source = redis_cluster.node_for_slot(slot)
+    target = next(p for p in redis_cluster.primaries() if p is not source)
+    pod_id = "cut" + secrets.token_hex(3)
+    broker = _cluster_broker(redis_cluster, redis_prefix, pod_id, redis_probe_interval=30.0)
+    topology = broker._topology
+    real = topology.discover
+    cut = [False]
+
+    async def cut_then_discover(options: Any) -> Any:
+        if cut[0]:
+            cut[0] = False
+            await asyncio.sleep(0.2)  # the subscribe is waiting for this refresh now
+            clients = target.call("CLIENT", "LIST").splitlines()
+            ours = next(c.split()[0][3:] for c in clients if f"name=relay:{pod_id} " in c)
+            target.call("CLIENT", "KILL", "ID", ours)
+            await asyncio.sleep(1.0)  # cancelled, as the link ends
+        return await real(options)
+
+    try:
+        await broker.subscribe("g:first")
+        first = broker._link
+        topology.discover = cut_then_discover
+        cut[0] = True
+        redis_cluster.move_slot(slot, target)
+        with pytest.raises(BrokerUnavailable):
+            await broker.subscribe(channel)
+        assert first.failed
+        await eventually(lambda: broker.ready and broker._link is not first)
+    finally:
+        cut[0] = False
+        await broker.close()
+        if redis_cluster.node_for_slot(slot) is not source:
+            redis_cluster.move_slot(slot, source)
