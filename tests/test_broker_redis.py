@@ -469,6 +469,17 @@ async def test_closing_is_quiet_and_final(redis_server: RedisServer, redis_prefi
     await a.broker.close()  # again: nothing to do
 
 
+async def test_a_broker_closed_while_down_refuses_at_once(redis_prefix: str) -> None:
+    """Closed before any link came (nothing listens here): a publish is refused at once, not after
+    waiting redis_timeout (5 s here) for a link that will not come."""
+    broker = redis_broker(f"redis://127.0.0.1:{free_port()}", redis_prefix, "a", redis_timeout=5.0)
+    await broker.close()
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match=r"^the Redis link is down$"):
+        await broker.publish(env("too late"))
+    assert time.monotonic() - started < 2.5
+
+
 class _Fatal(BaseException):
     """Not an Exception, so the supervisor does not catch it (nor would it KeyboardInterrupt)."""
 
