@@ -808,3 +808,54 @@ async def test_a_subscribe_waiting_on_a_refresh_the_link_ends_under_is_refused_n
         await broker.close()
         if redis_cluster.node_for_slot(slot) is not source:
             redis_cluster.move_slot(slot, source)
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_link_that_ends_while_opening_waits_on_a_refresh_is_opened_again(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """The same while a link is being opened: a slot moves between CLUSTER SLOTS and the
+    subscriptions, so the opening waits for a refresh, and the link ends during it. The attempt
+    fails and the supervisor tries again: it is not cancelled (liveness would fail for good)."""
+    channel = "g:moving"
+    slot = key_slot(f"{redis_prefix}:{channel}".encode())
+    source = redis_cluster.node_for_slot(slot)
+    target = next(p for p in redis_cluster.primaries() if p is not source)
+    pod_id = "reopen" + secrets.token_hex(3)
+    broker = _cluster_broker(redis_cluster, redis_prefix, pod_id, redis_probe_interval=30.0)
+    topology = broker._topology
+    real = topology.discover
+    step = [0]
+
+    def kill_one(server: RedisServer) -> None:
+        clients = server.call("CLIENT", "LIST").splitlines()
+        server.call(
+            "CLIENT", "KILL", "ID", next(c.split()[0][3:] for c in clients if f"name=relay:{pod_id} " in c)
+        )
+
+    async def discover(options: Any) -> Any:
+        step[0] += 1
+        if step[0] == 2:  # the refresh the opening waits for: the link ends under it
+            await asyncio.sleep(0.2)
+            kill_one(target)
+            await asyncio.sleep(1.0)
+        addresses = await real(options)
+        if step[0] == 1:  # the map just read is stale before it is used
+            redis_cluster.move_slot(slot, target)
+        return addresses
+
+    try:
+        await broker.subscribe(channel)
+        first = broker._link
+        step[0] = 0
+        topology.discover = discover
+        kill_one(source)  # the link is opened again
+        await eventually(lambda: step[0] >= 3, 10)
+        await eventually(lambda: broker.ready and broker._link is not first, 10)
+        assert broker.alive
+        assert target.call("PUBSUB", "SHARDNUMSUB", f"{redis_prefix}:{channel}")[1] == 1
+    finally:
+        step[0] = 99
+        await broker.close()
+        if redis_cluster.node_for_slot(slot) is not source:
+            redis_cluster.move_slot(slot, source)
