@@ -340,13 +340,15 @@ async def test_subscriptions_go_in_confirmed_batches_a_few_at_a_time(
 
 
 @pytest.mark.xdist_group("redis-cluster")
+@pytest.mark.parametrize("endpoint", ["ip", "unknown-endpoint"])
 async def test_a_subscription_sent_to_a_slots_old_owner_follows_its_moved_answer(
-    redis_cluster: RedisCluster, redis_prefix: str
+    redis_cluster: RedisCluster, redis_prefix: str, endpoint: str
 ) -> None:
     """The pod's slot map is stale: its SSUBSCRIBE goes to the node that owned the slot, which
     answers MOVED on the pub/sub connection. The pod learns the slot's owner, refreshes its map and
     subscribes there within the same call; its link is not rebuilt. Another pod's SPUBLISH, also
-    answered MOVED, is sent again to the new owner, which its map now names."""
+    answered MOVED, is sent again to the new owner, which its map now names. With nodes that
+    announce no endpoint, MOVED names only a port: the host is the one that answered."""
     channel = "g:late"
     slot = key_slot(f"{redis_prefix}:{channel}".encode())
     source = redis_cluster.node_for_slot(slot)
@@ -357,6 +359,8 @@ async def test_a_subscription_sent_to_a_slots_old_owner_follows_its_moved_answer
     assert isinstance(publisher, redis_broker_module.RedisBroker)
     pod = Collector(broker)
     try:
+        for node in redis_cluster.nodes_alive():
+            node.call("CONFIG", "SET", "cluster-preferred-endpoint-type", endpoint)
         await eventually(lambda: broker.ready, 15)  # the link and its slot map, before the move
         await publisher.publish(env("before", "g:elsewhere"))  # the publisher's map, before it too
         first = broker._link
@@ -382,6 +386,8 @@ async def test_a_subscription_sent_to_a_slots_old_owner_follows_its_moved_answer
         await publisher.close()
         if redis_cluster.node_for_slot(slot) is not source:
             redis_cluster.move_slot(slot, source)
+        for node in redis_cluster.nodes_alive():
+            node.call("CONFIG", "SET", "cluster-preferred-endpoint-type", "ip")
 
 
 async def test_each_publish_and_append_is_timed_once(redis_server: RedisServer, redis_prefix: str) -> None:
@@ -463,6 +469,17 @@ async def test_closing_is_quiet_and_final(redis_server: RedisServer, redis_prefi
     await a.broker.close()  # again: nothing to do
 
 
+async def test_a_broker_closed_while_down_refuses_at_once(redis_prefix: str) -> None:
+    """Closed before any link came (nothing listens here): a publish is refused at once, not after
+    waiting redis_timeout (5 s here) for a link that will not come."""
+    broker = redis_broker(f"redis://127.0.0.1:{free_port()}", redis_prefix, "a", redis_timeout=5.0)
+    await broker.close()
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match=r"^the Redis link is down$"):
+        await broker.publish(env("too late"))
+    assert time.monotonic() - started < 2.5
+
+
 class _Fatal(BaseException):
     """Not an Exception, so the supervisor does not catch it (nor would it KeyboardInterrupt)."""
 
@@ -539,3 +556,306 @@ async def test_a_command_redirected_more_than_max_redirects_times_is_given_up(
         assert redis_broker_module.MAX_REDIRECTS == 5
     finally:
         await broker.close()
+
+
+async def test_unsubscribing_what_was_never_subscribed_does_nothing(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A channel never subscribed (or already unsubscribed) may be unsubscribed: nothing happens,
+    the wanted channels and the link stay as they were."""
+    broker = redis_broker(redis_server.url, redis_prefix, "a")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    try:
+        await broker.subscribe("g:kept")
+        first = broker._link
+        await broker.unsubscribe("g:never")
+        await broker.unsubscribe("g:kept")
+        await broker.unsubscribe("g:kept")  # twice
+        assert broker._wanted == {} and broker._link is first and first is not None and not first.failed
+    finally:
+        await broker.close()
+
+
+async def test_only_a_cluster_link_refreshes_a_slot_map(redis_server: RedisServer, redis_prefix: str) -> None:
+    """One server (or Sentinel's master) has no slot map: nothing asks for a refresh of it."""
+    broker = redis_broker(redis_server.url, redis_prefix, "a")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    try:
+        await broker.subscribe("g:room")
+        link = broker._link
+        assert link is not None
+        broker._refresh_soon(link)
+        assert link.refreshing is None
+    finally:
+        await broker.close()
+
+
+def _cluster_broker(redis_cluster: RedisCluster, prefix: str, pod_id: str, **overrides: Any) -> Any:
+    broker = redis_broker(redis_cluster.url, prefix, pod_id, **overrides)
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    return broker
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_slot_map_refresh_has_twice_redis_timeout(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """CLUSTER SLOTS, connecting new primaries and moving subscriptions get 2 x redis_timeout
+    together: a refresh that takes 1.25 x is followed, one that takes 2.5 x gives up (the error
+    names the timeout) and rebuilds the link."""
+    timeout = 0.4
+    broker = _cluster_broker(redis_cluster, redis_prefix, "a", redis_timeout=timeout)
+    topology = broker._topology
+    real = topology.discover
+    delay = [0.0]
+
+    async def slow(options: Any) -> Any:
+        await asyncio.sleep(delay[0])
+        return await real(options)
+
+    try:
+        await broker.subscribe("g:room")
+        link = broker._link
+        topology.discover = slow
+        delay[0] = 1.25 * timeout
+        with capture_logs() as logs:
+            broker._refresh_soon(link)
+            await link.refreshing
+        assert [e["event"] for e in logs if e["event"].startswith("broker.slot_map")] == [
+            "broker.slot_map_refreshed"
+        ]
+        assert broker._link is link and not link.failed
+        delay[0] = 2.5 * timeout
+        with capture_logs() as logs:
+            broker._refresh_soon(link)
+            await link.refreshing
+        [line] = [e for e in logs if e["event"].startswith("broker.slot_map")]
+        assert line == {
+            "event": "broker.slot_map_refresh_failed", "log_level": "warning", "error": "TimeoutError"
+        }  # fmt: skip
+        assert link.failed and link.broken.result() == "topology_changed"
+    finally:
+        await broker.close()
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_refresh_whose_moved_subscriptions_go_unconfirmed_rebuilds_the_link(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """A slot moves; its channel's new owner takes the SSUBSCRIBE but does not answer within
+    redis_timeout (here: CLIENT PAUSE): the refresh gives up, says so, and the link is rebuilt,
+    which subscribes the channel on its new owner once that answers again."""
+    channel = "g:paused"
+    name = f"{redis_prefix}:{channel}"
+    slot = key_slot(name.encode())
+    source = redis_cluster.node_for_slot(slot)
+    target = next(p for p in redis_cluster.primaries() if p is not source)
+    broker = _cluster_broker(redis_cluster, redis_prefix, "a", redis_probe_interval=30.0, redis_timeout=0.4)
+    topology = broker._topology
+    real = topology.discover
+    pause = [True]
+
+    async def then_pause(options: Any) -> Any:
+        addresses = await real(options)
+        if pause[0]:
+            pause[0] = False
+            target.call("CLIENT", "PAUSE", 1500, "ALL")
+        return addresses
+
+    try:
+        await broker.subscribe(channel)
+        first = broker._link
+        topology.discover = then_pause
+        with capture_logs() as logs:
+            redis_cluster.move_slot(slot, target)  # the old owner tells the pod: sunsubscribe
+            await eventually(lambda: first.failed)
+        [line] = [e for e in logs if e["event"].startswith("broker.slot_map")]
+        assert line == {
+            "event": "broker.slot_map_refresh_failed",
+            "log_level": "warning",
+            "error": "Redis did not confirm the moved subscriptions in time",
+        }
+        assert first.broken.result() == "topology_changed"
+        await eventually(lambda: target.call("PUBSUB", "SHARDNUMSUB", name)[1] == 1, 10)
+    finally:
+        pause[0] = False
+        await broker.close()
+        if redis_cluster.node_for_slot(slot) is not source:
+            redis_cluster.move_slot(slot, source)
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_primary_left_without_slots_is_let_go_and_the_link_carries_on(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """After a reshard a primary may own no slot: a refresh closes the pod's connections to it
+    and keeps the rest of the link. A command that was waiting there (here a BLPOP, idempotent) is
+    not sent again on the same link, whose outcome there is unknown: it is refused after
+    redis_timeout, as no new link comes. (The reshard is shown to the pod, not made: its CLUSTER
+    SLOTS reply is rewritten so that one primary's ranges belong to another.)"""
+    pod_id = "retire" + secrets.token_hex(3)
+    broker = _cluster_broker(redis_cluster, redis_prefix, pod_id, redis_probe_interval=30.0)
+    topology = broker._topology
+    real = topology._load
+    primaries = redis_cluster.primaries()
+    emptied, heir = primaries[0], primaries[1]
+    rewrite = [False]
+
+    def load(reply: Any, seed: Any) -> Any:
+        if rewrite[0]:
+            heir_node = next(e[2] for e in reply if e[2][1] == heir.port)
+            reply = [[s, e, heir_node if node[1] == emptied.port else node] for s, e, node, *_ in reply]
+        return real(reply, seed)
+
+    def ours(server: RedisServer) -> int:
+        return str(server.call("CLIENT", "LIST")).count(f"name=relay:{pod_id} ")
+
+    try:
+        await broker.subscribe("g:room")
+        link = broker._link
+        assert ours(emptied) == 2  # commands and pub/sub
+        keys = (f"{redis_prefix}:k{n}" for n in range(1000))
+        key = next(k for k in keys if redis_cluster.node_for_slot(key_slot(k.encode())) is emptied)
+        waiting = asyncio.create_task(broker.command(key.encode(), b"BLPOP", key, b"10", idempotent=True))
+        await eventually(lambda: emptied.info("clients")["blocked_clients"] >= 1)
+        topology._load = load
+        rewrite[0] = True
+        with capture_logs() as logs:
+            broker._refresh_soon(link)
+            await link.refreshing
+        with pytest.raises(BrokerUnavailable, match="lost before Redis answered"):
+            await asyncio.wait_for(waiting, 5)
+        [line] = [e for e in logs if e["event"].startswith("broker.slot_map")]
+        assert line["event"] == "broker.slot_map_refreshed"
+        assert sorted(line["nodes"]) == sorted(p.address for p in primaries if p is not emptied)
+        assert broker._link is link and not link.failed
+        assert Address("127.0.0.1", emptied.port) not in link.nodes
+        await eventually(lambda: ours(emptied) == 0)
+        assert all(ours(p) == 2 for p in primaries if p is not emptied)
+    finally:
+        await broker.close()
+
+
+class _LongDelays:
+    """Stands in for redis.py's `random`: every backoff is a minute, so the supervisor waits."""
+
+    def uniform(self, low: float, high: float) -> float:
+        return 60.0
+
+
+async def test_between_attempts_a_subscribe_is_refused_at_once(
+    dedicated_redis: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only while a link is being opened does a subscribe wait (up to redis_timeout, 2 s here) for
+    it; between attempts, in an outage, it is refused at once. The channel stays wanted."""
+    monkeypatch.setattr(redis_broker_module, "random", _LongDelays())
+    broker = redis_broker(dedicated_redis.url, redis_prefix, "a", redis_timeout=2.0)
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    try:
+        await broker.subscribe("g:room")
+        dedicated_redis.kill()
+        await eventually(lambda: metric("relay_redis_up") == 0 and not broker._connecting)
+        started = time.monotonic()
+        down = r"^the Redis link is down: the subscription could not be confirmed$"
+        with pytest.raises(BrokerUnavailable, match=down):
+            await broker.subscribe("g:other")
+        assert time.monotonic() - started < 1.0
+        assert set(broker._wanted.values()) == {"g:room", "g:other"}
+    finally:
+        await broker.close()
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_subscribe_waiting_on_a_refresh_the_link_ends_under_is_refused_not_cancelled(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """A subscribe answered MOVED waits for the slot map refresh before trying again; the link
+    dies during that refresh (here one of the pod's connections is killed), which cancels the
+    refresh. The subscribe is refused (BrokerUnavailable), not cancelled: a caller must not take
+    the link's end for its own cancellation."""
+    channel = "g:cut-refresh"
+    slot = key_slot(f"{redis_prefix}:{channel}".encode())
+    source = redis_cluster.node_for_slot(slot)
+    target = next(p for p in redis_cluster.primaries() if p is not source)
+    pod_id = "cut" + secrets.token_hex(3)
+    broker = _cluster_broker(redis_cluster, redis_prefix, pod_id, redis_probe_interval=30.0)
+    topology = broker._topology
+    real = topology.discover
+    cut = [False]
+
+    async def cut_then_discover(options: Any) -> Any:
+        if cut[0]:
+            cut[0] = False
+            await asyncio.sleep(0.2)  # the subscribe is waiting for this refresh now
+            clients = target.call("CLIENT", "LIST").splitlines()
+            ours = next(c.split()[0][3:] for c in clients if f"name=relay:{pod_id} " in c)
+            target.call("CLIENT", "KILL", "ID", ours)
+            await asyncio.sleep(1.0)  # cancelled, as the link ends
+        return await real(options)
+
+    try:
+        await broker.subscribe("g:first")
+        first = broker._link
+        topology.discover = cut_then_discover
+        cut[0] = True
+        redis_cluster.move_slot(slot, target)
+        with pytest.raises(BrokerUnavailable):
+            await broker.subscribe(channel)
+        assert first.failed
+        await eventually(lambda: broker.ready and broker._link is not first)
+    finally:
+        cut[0] = False
+        await broker.close()
+        if redis_cluster.node_for_slot(slot) is not source:
+            redis_cluster.move_slot(slot, source)
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_link_that_ends_while_opening_waits_on_a_refresh_is_opened_again(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """The same while a link is being opened: a slot moves between CLUSTER SLOTS and the
+    subscriptions, so the opening waits for a refresh, and the link ends during it. The attempt
+    fails and the supervisor tries again: it is not cancelled (liveness would fail for good)."""
+    channel = "g:moving"
+    slot = key_slot(f"{redis_prefix}:{channel}".encode())
+    source = redis_cluster.node_for_slot(slot)
+    target = next(p for p in redis_cluster.primaries() if p is not source)
+    pod_id = "reopen" + secrets.token_hex(3)
+    broker = _cluster_broker(redis_cluster, redis_prefix, pod_id, redis_probe_interval=30.0)
+    topology = broker._topology
+    real = topology.discover
+    step = [0]
+
+    def kill_one(server: RedisServer) -> None:
+        clients = server.call("CLIENT", "LIST").splitlines()
+        server.call(
+            "CLIENT", "KILL", "ID", next(c.split()[0][3:] for c in clients if f"name=relay:{pod_id} " in c)
+        )
+
+    async def discover(options: Any) -> Any:
+        step[0] += 1
+        if step[0] == 2:  # the refresh the opening waits for: the link ends under it
+            await asyncio.sleep(0.2)
+            kill_one(target)
+            await asyncio.sleep(1.0)
+        addresses = await real(options)
+        if step[0] == 1:  # the map just read is stale before it is used
+            redis_cluster.move_slot(slot, target)
+        return addresses
+
+    try:
+        await broker.subscribe(channel)
+        first = broker._link
+        step[0] = 0
+        topology.discover = discover
+        kill_one(source)  # the link is opened again
+        await eventually(lambda: step[0] >= 3, 10)
+        await eventually(lambda: broker.ready and broker._link is not first, 10)
+        assert broker.alive
+        assert target.call("PUBSUB", "SHARDNUMSUB", f"{redis_prefix}:{channel}")[1] == 1
+    finally:
+        step[0] = 99
+        await broker.close()
+        if redis_cluster.node_for_slot(slot) is not source:
+            redis_cluster.move_slot(slot, source)

@@ -34,6 +34,12 @@ def test_the_encoded_header_is_the_documented_one() -> None:
     assert encode(Envelope("g:{x}", "{}", 2.5)) == b"1 2.5 \n{}"
 
 
+def test_a_presence_event_carries_when_it_was_sent() -> None:
+    """`E <sent_at>` (written by the presence functions): the time feeds the fan-out latency."""
+    got = decode("g:{room}", b'E 1.5\n{"t":"presence"}')
+    assert got == Envelope("g:{room}", '{"t":"presence"}', 1.5, event=True)
+
+
 def test_a_positioned_message_carries_its_epoch_and_offset() -> None:
     got = decode("g:{room}", b'2 1.5 a1b2c3 42\n{"t":"msg"}\nmore')
     assert got == Envelope("g:{room}", '{"t":"msg"}\nmore', 1.5, "", "a1b2c3", 42)

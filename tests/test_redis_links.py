@@ -206,10 +206,10 @@ async def test_a_master_demoted_under_the_link_refuses_writes_which_end_the_link
 async def test_commands_cut_off_with_the_link_are_sent_again_only_when_idempotent(
     redis_server: RedisServer, redis_prefix: str
 ) -> None:
-    """Redis carried out four commands but the link died before their replies came. A publish is
-    given up (sending it again could deliver it twice) and counted as lost in flight; an append (its
-    idempotency key), a deny record and a read of one are sent once more on the next link, and
-    stored once."""
+    """Redis carried out five commands but the link died before their replies came. Two publishes
+    are given up (sending them again could deliver them twice) and counted as lost in flight; an
+    append (its idempotency key), a deny record and a read of one are sent once more on the next
+    link, and stored once."""
     async with RedisProxy(redis_server.port) as proxy:
         broker = redis_broker(proxy.url, redis_prefix, "a", redis_timeout=2.0)
         retention = Retention(5, 60)
@@ -220,20 +220,24 @@ async def test_commands_cut_off_with_the_link_are_sent_again_only_when_idempoten
             in_flight = metric("relay_broker_lost_total", reason="in_flight")
             resent = metric("relay_broker_resent_total")
             with capture_logs() as logs:
-                publish = asyncio.create_task(broker.publish(Envelope("g:{cut}", "cut off", time.time())))
+                publishes = [
+                    asyncio.create_task(broker.publish(Envelope("g:{cut}", f"cut off {n}", time.time())))
+                    for n in range(2)
+                ]
                 append = asyncio.create_task(
                     broker.append(Envelope("g:{cut}", "m2", time.time()), retention, "key-2")
                 )
                 deny = asyncio.create_task(broker.deny("someone", 1764000000.5, 60))
                 read = asyncio.create_task(broker.denied("earlier"))
                 assert await proxy.cut(after=0.2) > 0  # the replies are dropped, then the sockets closed
-                with pytest.raises(BrokerUnavailable, match="lost before Redis answered"):
-                    await publish
+                for publish in publishes:
+                    with pytest.raises(BrokerUnavailable, match="lost before Redis answered"):
+                        await publish
                 appended = await append
                 await deny
                 assert await read == 1764000000.25
                 await eventually(lambda: broker.ready)
-            assert metric("relay_broker_lost_total", reason="in_flight") == in_flight + 1
+            assert metric("relay_broker_lost_total", reason="in_flight") == in_flight + 2
             assert metric("relay_broker_resent_total") == resent + 3
             assert appended.duplicate and appended.position.offset == 2  # carried out by the first try
             assert appended.position.epoch == first.position.epoch
@@ -241,7 +245,7 @@ async def test_commands_cut_off_with_the_link_are_sent_again_only_when_idempoten
             assert history.entries == [(1, "m1"), (2, "m2")]
             assert await broker.denied("someone") == 1764000000.5
             [back] = [e for e in logs if e["event"] == "broker.reconnected"]
-            assert back["publishes_in_flight_lost"] == 1 and back["publishes_refused"] == 0
+            assert back["publishes_in_flight_lost"] == 2 and back["publishes_refused"] == 0
         finally:
             await broker.close()
 
@@ -375,3 +379,58 @@ async def test_a_command_refused_as_not_carried_out_is_sent_once_more_not_again_
         await broker.close()
         server.kill()
         other.kill()
+
+
+async def test_an_error_on_the_pubsub_connection_is_logged_cut_short_and_ends_the_link(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """An error reply on the pub/sub connection that is no redirection: the link ends
+    (subscribe_refused) and one error line gives its first 200 characters."""
+    async with RedisProxy(redis_server.port) as proxy:
+        quiet = {"redis_probe_interval": 30.0, "redis_timeout": 0.5, "redis_backoff_max": 0.3}
+        broker = redis_broker(proxy.url, redis_prefix, "a", **quiet)
+        assert isinstance(broker, RedisBroker)
+        try:
+            await broker.subscribe("g:room")
+            first = broker._link
+            text = "ERR " + "why " * 100
+            with capture_logs() as logs:
+                assert proxy.corrupt(b"-" + text.encode() + b"\r\n") == 2
+                await eventually(lambda: broker._link not in (None, first))
+            [line] = [e for e in logs if e["event"] == "broker.subscribe_refused"]
+            assert (line["log_level"], line["error"]) == ("error", text[:200])
+            assert first is not None and first.broken.result() == "subscribe_refused"
+        finally:
+            await broker.close()
+
+
+async def test_a_command_sent_again_is_not_sent_a_third_time(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """An idempotent command (here a BLPOP, so that it is in flight when its connection is killed)
+    is sent once more on the next link; cut off there too, it is refused, not sent around again."""
+    broker = redis_broker(redis_server.url, redis_prefix, "a")
+    key = f"{redis_prefix}:blocked"
+    killed: set[str] = set()
+
+    def blocked() -> list[str]:
+        clients = redis_server.call("CLIENT", "LIST").splitlines()
+        return [c.split()[0][3:] for c in clients if "cmd=blpop" in c and c.split()[0][3:] not in killed]
+
+    try:
+        await broker.subscribe("g:room")
+        lost = metric("relay_broker_lost_total", reason="in_flight")
+        resent = metric("relay_broker_resent_total")
+        assert isinstance(broker, RedisBroker)
+        waiting = asyncio.create_task(broker.command(key.encode(), b"BLPOP", key, b"10", idempotent=True))
+        for _ in range(2):
+            await eventually(lambda: len(blocked()) == 1)
+            [client] = blocked()
+            killed.add(client)
+            redis_server.call("CLIENT", "KILL", "ID", client)
+        with pytest.raises(BrokerUnavailable, match=r"^the Redis link was lost before Redis answered$"):
+            await asyncio.wait_for(waiting, 5)
+        assert metric("relay_broker_resent_total") == resent + 1
+        assert metric("relay_broker_lost_total", reason="in_flight") == lost + 1
+    finally:
+        await broker.close()

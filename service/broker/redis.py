@@ -279,8 +279,9 @@ class RedisBroker:
             if refreshing is None or refreshing.done():
                 link.fail("subscribe_timeout")  # Redis did not confirm: rebuild the link
                 break
-            with contextlib.suppress(Exception):
-                await asyncio.shield(refreshing)
+            # Whatever became of the refresh (it may be cancelled, should the link end meanwhile):
+            # only the caller's own cancellation may cancel the caller.
+            await asyncio.wait([refreshing])
         raise BrokerUnavailable("the Redis link is down: the subscription could not be confirmed")
 
     async def unsubscribe(self, *channels: str) -> None:
@@ -595,8 +596,7 @@ class RedisBroker:
             results = await asyncio.gather(*(self._sync(link, n, sub, unsub) for n, sub, unsub in plans))
             refreshing = link.refreshing
             if refreshing is not None and not refreshing.done() and refreshing is not asyncio.current_task():
-                with contextlib.suppress(Exception):  # the map is changing: plan again on the new one
-                    await asyncio.shield(refreshing)
+                await asyncio.wait([refreshing])  # the map is changing: plan again on the new one
                 continue
             if not all(results):
                 return False
