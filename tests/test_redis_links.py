@@ -14,7 +14,15 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from service.broker import RESYNC, BrokerUnavailable, Envelope, Retention
+from service.broker import (
+    RESYNC,
+    Arrival,
+    BrokerUnavailable,
+    Envelope,
+    PresenceBatch,
+    PresenceTerms,
+    Retention,
+)
 from service.broker.redis import RedisBroker
 from service.broker.resp import Address, ConnectOptions
 from service.broker.topology import SingleTopology
@@ -206,9 +214,10 @@ async def test_a_master_demoted_under_the_link_refuses_writes_which_end_the_link
 async def test_commands_cut_off_with_the_link_are_sent_again_only_when_idempotent(
     redis_server: RedisServer, redis_prefix: str
 ) -> None:
-    """Redis carried out three commands but the link died before their replies came. A publish is
+    """Redis carried out five commands but the link died before their replies came. A publish is
     given up (sending it again could deliver it twice) and counted as lost in flight; an append (its
-    idempotency key) and a deny record are sent once more on the next link, and stored once."""
+    idempotency key), a deny record, a presence update (an arrival already there is kept once) and a
+    presence read are sent once more on the next link, and stored once."""
     async with RedisProxy(redis_server.port) as proxy:
         broker = redis_broker(proxy.url, redis_prefix, "a", redis_timeout=2.0)
         retention = Retention(5, 60)
@@ -223,19 +232,27 @@ async def test_commands_cut_off_with_the_link_are_sent_again_only_when_idempoten
                     broker.append(Envelope("g:{cut}", "m2", time.time()), retention, "key-2")
                 )
                 deny = asyncio.create_task(broker.deny("someone", 1764000000.5, 60))
+                terms = PresenceTerms(ttl=60, grace=5, events=False)
+                joined = asyncio.create_task(
+                    broker.presence_update("g:{cut}", terms, PresenceBatch([Arrival("c.1", "ann", "{}")]))
+                )
+                present = asyncio.create_task(broker.presence_read("g:{cut}", terms, 10))
                 assert await proxy.cut(after=0.2) > 0  # the replies are dropped, then the sockets closed
                 with pytest.raises(BrokerUnavailable, match="lost before Redis answered"):
                     await publish
                 appended = await append
                 await deny
+                assert await joined == []
+                assert ((await present).connections, (await present).users) == (1, 1)
                 await eventually(lambda: broker.ready)
             assert metric("relay_broker_lost_total", reason="in_flight") == in_flight + 1
-            assert metric("relay_broker_resent_total") == resent + 2
+            assert metric("relay_broker_resent_total") == resent + 4
             assert appended.duplicate and appended.position.offset == 2  # carried out by the first try
             assert appended.position.epoch == first.position.epoch
             history = await broker.history("g:{cut}", 0, 10)
             assert history.entries == [(1, "m1"), (2, "m2")]
             assert await broker.denied("someone") == 1764000000.5
+            assert (await broker.presence_read("g:{cut}", terms, 10)).connections == 1
             [back] = [e for e in logs if e["event"] == "broker.reconnected"]
             assert back["publishes_in_flight_lost"] == 1 and back["publishes_refused"] == 0
         finally:
