@@ -346,6 +346,7 @@ async def test_presence_counts_connections_and_distinct_users_across_pods(pods: 
     assert present.members == [Member("ann", 2, '{"name":"Ann"}'), Member("bob", 1, "{}")]
     counts = await pods.b.broker.presence_read("g:{room}", TERMS, 0)  # counts only: not truncated
     assert (counts.connections, counts.users, counts.members, counts.truncated) == (4, 2, [], False)
+    assert await pods.b.broker.presence_read("g:{room}", TERMS, -1) == counts  # below 0: the same
     assert not (await pods.b.broker.presence_read("g:{room}", TERMS, 2)).truncated  # as many as there are
     await update(pods.b.broker, "g:{room}", TERMS, departures=["b.1", "b.2", "b.unknown"])
     present = await pods.b.broker.presence_read("g:{room}", TERMS, 1)
