@@ -14,7 +14,17 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from service.broker import BrokerUnavailable, Envelope, Retention, open_broker
+from service.broker import (
+    Arrival,
+    BrokerUnavailable,
+    Envelope,
+    Member,
+    PresenceBatch,
+    PresenceTerms,
+    Present,
+    Retention,
+    open_broker,
+)
 from service.broker.channels_pubsub import BridgedBroker, decode, group_channel, naming, shard
 from service.broker.memory import MemoryBroker, MemoryBus
 from service.broker.wire import BadPayload
@@ -158,6 +168,31 @@ async def test_the_deny_list_is_kept_on_relays_redis_only() -> None:
     assert await bridge.broker.denied("user-2") is None
     assert not any(bus.denied for bus in bridge.app_buses)
     await bridge.broker.close()
+
+
+async def test_presence_is_kept_on_relays_redis_only() -> None:
+    """Presence, like history, is relay's own: written and read with the group's terms on relay's
+    Redis (its events there too), never on the app's."""
+    bridge = Bridge()
+    collector = Collector(bridge.broker)
+    await bridge.broker.subscribe("g:{chat}")
+    terms, brief = PresenceTerms(60, 5, events=True), PresenceTerms(0.1, 5, events=True)
+    batch = PresenceBatch([Arrival("c.1", "ann", '{"n":1}')], (), ["c.9"])
+    assert await bridge.broker.presence_update("g:{chat}", terms, batch) == ["c.9"]
+    await bridge.broker.presence_update("g:{chat}", brief, PresenceBatch([Arrival("c.2", "bob", "{}")]))
+    assert await bridge.broker.presence_read("g:{chat}", terms, 5) == Present(
+        2, 2, [Member("ann", 1, '{"n":1}'), Member("bob", 1, "{}")], False
+    )
+    await eventually(lambda: len(collector.envelopes) == 2, 1.0)  # the joins
+    deadline = time.monotonic() + 5
+    while (await bridge.broker.presence_read("g:{chat}", terms, 1)).users != 1:  # bob expires
+        assert time.monotonic() < deadline, "bob's entry never expired"
+        await asyncio.sleep(0.02)
+    await collector.wait_for(3, 1.0)  # bob's leave, announced by the read that dropped him
+    assert [e.event for e in collector.envelopes] == [True, True, True]
+    assert set(bridge.pods_bus.presence) == {"g:{chat}"}
+    assert not any(bus.presence for bus in bridge.app_buses)
+    await collector.stop()
 
 
 class Down(MemoryBroker):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -24,8 +24,10 @@ from service.broker import (
     PresenceTerms,
     Retention,
 )
+from service.broker import presence as presence_keys
 from service.broker.history import DEDUPE_WINDOW
 from service.broker.memory import MemoryBroker, MemoryBus
+from service.broker.redis import RedisBroker
 from tests.brokers import Collector, eventually, redis_broker
 from tests.redis_servers import RedisCluster, RedisServer, SentinelSet
 
@@ -42,6 +44,7 @@ class Pods:
     a: Collector
     b: Collector
     leftover: Callable[[], set[str]]  # relay channels still subscribed on the bus (probes aside)
+    stored: Callable[[str], Awaitable[dict[str, int]]]  # a group's presence structures, by size
 
 
 # Parametrized on the tests (indirect) rather than on the fixture: marks of a fixture's params do
@@ -54,7 +57,12 @@ async def pods(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterat
     flavour: str = request.param
     if flavour == "memory":
         bus = MemoryBus()
-        found = Pods(Collector(MemoryBroker(bus)), Collector(MemoryBroker(bus)), lambda: set(bus.subscribers))
+        found = Pods(
+            Collector(MemoryBroker(bus)),
+            Collector(MemoryBroker(bus)),
+            lambda: set(bus.subscribers),
+            lambda channel: _stored_in_memory(bus, channel),
+        )
     else:
         fixture = {"redis": "redis_server", "sentinel": "sentinel_set", "cluster": "redis_cluster"}[flavour]
         servers = request.getfixturevalue(fixture)
@@ -63,6 +71,7 @@ async def pods(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterat
             Collector(redis_broker(url, redis_prefix, "a")),
             Collector(redis_broker(url, redis_prefix, "b")),
             lambda: _leftover(servers, redis_prefix),
+            lambda channel: _stored_in_redis(found.a.broker, redis_prefix, channel),
         )
         # The contract is about what a link carries, not how fast it opens: on a loaded machine (a
         # mutation run at nice 19 beside a test suite) the first connect can take longer than the
@@ -82,6 +91,29 @@ def _leftover(servers: RedisServer | SentinelSet | RedisCluster, prefix: str) ->
         server = servers if isinstance(servers, RedisServer) else _master(servers)
         names = set(server.call("PUBSUB", "CHANNELS", prefix + ":*"))
     return {n.removeprefix(prefix + ":") for n in names if ":probe:" not in n}
+
+
+async def _stored_in_memory(bus: MemoryBus, channel: str) -> dict[str, int]:
+    group = bus.presence.get(channel)
+    if group is None:
+        return {}
+    sizes = [len(group.conns), len(group.conns), len(group.users), len(group.claims)]
+    sizes += [len(group.announced), len(group.leaving)]
+    held = {
+        kind: size for kind, size in zip(("pc", "pi", "pu", "pn", "pa", "pl"), sizes, strict=True) if size
+    }
+    return held or {"an empty group": 0}  # Redis holds no empty key
+
+
+async def _stored_in_redis(broker: Broker, prefix: str, channel: str) -> dict[str, int]:
+    """The size of each of the group's presence keys that exists (Redis deletes emptied ones)."""
+    assert isinstance(broker, RedisBroker)
+    held = {}
+    keys = presence_keys.keys(prefix.encode() + b":", channel)
+    for key, size in zip(keys, (b"ZCARD", b"HLEN", b"HLEN", b"HLEN", b"SCARD", b"ZCARD"), strict=True):
+        if n := await broker.command(key, size, key):
+            held[key.decode()[len(prefix) + 1 : len(prefix) + 3]] = n
+    return held
 
 
 def _master(sentinels: SentinelSet) -> RedisServer:
@@ -271,6 +303,7 @@ async def test_idempotency_keys_are_remembered_for_the_last_1000_messages(pods: 
 
 # Presence (groups with a presence rule): the same semantics on every broker (docs/presence.md).
 TERMS = PresenceTerms(ttl=60, grace=0.2, events=True)
+NOTHING: dict[str, int] = {}
 
 
 def arrival(conn_id: str, user: str, claims: str = "{}") -> Arrival:
@@ -288,16 +321,33 @@ async def update(
     return await broker.presence_update(channel, terms, PresenceBatch(arrivals, departures, refresh))
 
 
+def presence_events(collector: Collector) -> list[object]:
+    """The presence events a pod received, in order (each envelope must be one)."""
+    assert all(e.event for e in collector.envelopes)
+    return [orjson.loads(e.frame)["presence"] for e in collector.envelopes]
+
+
+def join(user: str, claims: object = None) -> dict[str, object]:
+    return {"event": "join", "user": user, "claims": {} if claims is None else claims}
+
+
+def leave(user: str) -> dict[str, object]:
+    return {"event": "leave", "user": user}
+
+
 async def test_presence_counts_connections_and_distinct_users_across_pods(pods: Pods) -> None:
     """Two pods add connections of the same users; either reads the same counts and members."""
     await update(pods.a.broker, "g:{room}", TERMS, [arrival("a.1", "ann"), arrival("a.2", "bob")])
-    await update(
-        pods.b.broker, "g:{room}", TERMS, [arrival("b.1", "ann", '{"name":"Ann"}'), arrival("b.2", "")]
+    await update(  # an anonymous connection counts, and the rest of its batch too
+        pods.b.broker, "g:{room}", TERMS, [arrival("b.2", ""), arrival("b.1", "ann", '{"name":"Ann"}')]
     )
     present = await pods.a.broker.presence_read("g:{room}", TERMS, 10)
     assert (present.connections, present.users, present.truncated) == (4, 2, False)
     assert present.members == [Member("ann", 2, '{"name":"Ann"}'), Member("bob", 1, "{}")]
-    assert (await pods.b.broker.presence_read("g:{room}", TERMS, 0)).members == []
+    counts = await pods.b.broker.presence_read("g:{room}", TERMS, 0)  # counts only: not truncated
+    assert (counts.connections, counts.users, counts.members, counts.truncated) == (4, 2, [], False)
+    assert await pods.b.broker.presence_read("g:{room}", TERMS, -1) == counts  # below 0: the same
+    assert not (await pods.b.broker.presence_read("g:{room}", TERMS, 2)).truncated  # as many as there are
     await update(pods.b.broker, "g:{room}", TERMS, departures=["b.1", "b.2", "b.unknown"])
     present = await pods.b.broker.presence_read("g:{room}", TERMS, 1)
     assert (present.connections, present.users, present.members) == (
@@ -313,56 +363,115 @@ async def test_presence_counts_connections_and_distinct_users_across_pods(pods: 
     )
     await update(pods.a.broker, "g:{room}", TERMS, departures=["a.3"])
     assert (await pods.b.broker.presence_read("g:{room}", TERMS, 10)).users == 2
+    # A batch sent again (its link was lost): an arrival already there is kept once, the rest counts.
+    await update(pods.a.broker, "g:{room}", TERMS, [arrival("a.1", "ann"), arrival("a.4", "cy")])
+    present = await pods.b.broker.presence_read("g:{room}", TERMS, 10)
+    assert (present.connections, present.users) == (3, 3)
+    assert [(m.user, m.connections) for m in present.members] == [("ann", 1), ("bob", 1), ("cy", 1)]
     empty = await pods.b.broker.presence_read("g:{nobody}", TERMS, 10)
     assert (empty.connections, empty.users, empty.members, empty.truncated) == (0, 0, [], False)
 
 
 async def test_presence_entries_expire_unless_refreshed_and_refresh_names_the_lost(pods: Pods) -> None:
     """A pod that stops refreshing (it crashed) loses its entries at the TTL; one that refreshes
-    keeps them, and learns which of its ids the store no longer holds."""
+    keeps them, and learns which of its ids the store no longer holds. When the last entry goes,
+    nothing of the group is left in the store."""
     brief = PresenceTerms(ttl=0.4, grace=0.1, events=False)
     await update(pods.a.broker, "g:{lapse}", brief, [arrival("a.1", "ann")])
-    await update(pods.b.broker, "g:{lapse}", brief, [arrival("b.1", "bob")])
+    await update(pods.b.broker, "g:{lapse}", brief, [arrival("b.1", "bob", '{"n":2}')])
     deadline = time.monotonic() + 5
     while (await pods.a.broker.presence_read("g:{lapse}", brief, 10)).users != 1:
         assert time.monotonic() < deadline, "the unrefreshed entry never expired"
         assert await update(pods.b.broker, "g:{lapse}", brief, refresh=["b.1"]) == []
         await asyncio.sleep(0.05)
     present = await pods.a.broker.presence_read("g:{lapse}", brief, 10)
-    assert present.members == [Member("bob", 1, "{}")] and present.connections == 1
+    assert present.members == [Member("bob", 1, '{"n":2}')] and present.connections == 1
     assert await update(pods.a.broker, "g:{lapse}", brief, refresh=["a.1", "b.1"]) == ["a.1"]
+    await update(pods.b.broker, "g:{lapse}", brief, departures=["b.1"])  # refreshed, then gone
+    present = await pods.a.broker.presence_read("g:{lapse}", brief, 10)
+    assert (present.connections, present.users, present.members) == (0, 0, [])
+    assert await pods.stored("g:{lapse}") == NOTHING
 
 
 async def test_presence_events_mark_a_users_first_arrival_and_last_departure_after_grace(pods: Pods) -> None:
     """Join when the user's first connection arrives; no leave while one remains, nor for a
-    departure followed by an arrival within the grace; a leave once the grace passed."""
+    departure followed by an arrival within the grace (not even once the grace has passed); a
+    leave once the grace passed after the last departure (settled by a read as by a write); a join
+    again when the user comes back after it."""
+    terms = PresenceTerms(ttl=60, grace=0.5, events=True)
     await pods.b.broker.subscribe("g:{ev}")
-    await update(pods.a.broker, "g:{ev}", TERMS, [arrival("a.1", "ann", '{"n":1}')])
-    await update(pods.a.broker, "g:{ev}", TERMS, [arrival("a.2", "ann")])
-    await update(pods.a.broker, "g:{ev}", TERMS, departures=["a.1"])
-    await update(pods.a.broker, "g:{ev}", TERMS, departures=["a.2"])
-    await update(pods.b.broker, "g:{ev}", TERMS, [arrival("b.1", "ann")])  # back in time
+    before = time.time()
+    await update(pods.a.broker, "g:{ev}", terms, [arrival("a.1", "ann", '{"n":1}')])
+    await update(pods.a.broker, "g:{ev}", terms, [arrival("a.2", "ann")])
+    await update(pods.a.broker, "g:{ev}", terms, departures=["a.1"])
+    await update(pods.a.broker, "g:{ev}", terms, departures=["a.2"])
+    await update(pods.b.broker, "g:{ev}", terms, [arrival("b.1", "ann")])  # back in time
     got = await pods.b.wait_for(1)
     assert got[0].event and got[0].channel == "g:{ev}"
+    assert before <= got[0].sent_at <= time.time()
     assert orjson.loads(got[0].frame) == {
         "group": "ev",
         "presence": {"event": "join", "user": "ann", "claims": {"n": 1}},
     }
-    await update(pods.b.broker, "g:{ev}", TERMS, departures=["b.1"])
-    await asyncio.sleep(TERMS.grace)
-    await eventually_settled(pods, "g:{ev}")
+    await asyncio.sleep(terms.grace)  # the leave called off would be due by now
+    await pods.a.broker.presence_read("g:{ev}", terms, 0)
+    await update(pods.a.broker, "g:{ev}", terms)
+    await pods.b.quiet(0.1)
+    assert presence_events(pods.b) == [join("ann", {"n": 1})]
+    await update(pods.b.broker, "g:{ev}", terms, departures=["b.1"])
+    await asyncio.sleep(terms.grace)
+    await eventually_settled(pods, lambda: pods.a.broker.presence_read("g:{ev}", terms, 10))
     got = await pods.b.wait_for(2)
     assert orjson.loads(got[1].frame) == {"group": "ev", "presence": {"event": "leave", "user": "ann"}}
+    assert before <= got[1].sent_at <= time.time()
+    await update(pods.a.broker, "g:{ev}", terms, [arrival("a.3", "ann")])  # back after the leave
+    await pods.b.wait_for(3)
     await pods.b.quiet(0.1)
+    assert presence_events(pods.b) == [join("ann", {"n": 1}), leave("ann"), join("ann")]
 
 
-async def eventually_settled(pods: Pods, channel: str) -> None:
+async def test_a_member_whose_refresh_stopped_leaves_at_its_expiry_without_a_further_grace(
+    pods: Pods,
+) -> None:
+    """A crashed pod's user has been gone for the TTL when their entry expires: the write that
+    drops it announces the leave at once, whatever the grace, and keeps nothing of that user."""
+    terms = PresenceTerms(ttl=0.4, grace=60, events=True)
+    await pods.b.broker.subscribe("g:{crash}")
+    await update(pods.a.broker, "g:{crash}", terms, [arrival("a.1", "ann", '{"n":1}')])  # a crashes
+    await update(pods.b.broker, "g:{crash}", terms, [arrival("b.1", "bob")])
+    await pods.b.wait_for(2)
+    deadline = time.monotonic() + 5
+    while len(pods.b.envelopes) == 2:
+        assert time.monotonic() < deadline, "no leave for the member whose entry expired"
+        assert await update(pods.b.broker, "g:{crash}", terms, refresh=["b.1"]) == []
+        await asyncio.sleep(0.05)
+    assert presence_events(pods.b) == [join("ann", {"n": 1}), join("bob"), leave("ann")]
+    assert await pods.stored("g:{crash}") == {"pc": 1, "pi": 1, "pu": 1, "pn": 1, "pa": 1}
+    await update(pods.b.broker, "g:{crash}", terms, departures=["b.1"])  # a leave due in 60 s
+    assert await pods.stored("g:{crash}") == {"pa": 1, "pl": 1}
+    await pods.b.quiet(0.1)
+    assert len(pods.b.envelopes) == 3
+
+
+async def test_a_group_without_presence_events_gets_none_and_keeps_nothing_for_them(pods: Pods) -> None:
+    terms = PresenceTerms(ttl=60, grace=0, events=False)
+    await pods.b.broker.subscribe("g:{still}")
+    await update(pods.a.broker, "g:{still}", terms, [arrival("a.1", "ann"), arrival("a.2", "bob")])
+    await update(pods.a.broker, "g:{still}", terms, departures=["a.1"])
+    await pods.a.broker.presence_read("g:{still}", terms, 10)
+    await update(pods.a.broker, "g:{still}", terms)
+    await pods.b.quiet(0.2)
+    assert pods.b.envelopes == []
+    assert await pods.stored("g:{still}") == {"pc": 1, "pi": 1, "pu": 1, "pn": 1}
+
+
+async def eventually_settled(pods: Pods, settle: Callable[[], Awaitable[object]]) -> None:
     """Ask the store to settle until the leave event arrives (a pod does that after the grace)."""
     before = len(pods.b.envelopes)
     deadline = time.monotonic() + 5
     while len(pods.b.envelopes) == before:
         assert time.monotonic() < deadline, "no leave event"
-        await update(pods.a.broker, channel, TERMS)
+        await settle()
         await asyncio.sleep(0.05)
 
 

@@ -16,7 +16,15 @@ import pytest
 from redis.crc import key_slot
 from structlog.testing import capture_logs
 
-from service.broker import RESYNC, BrokerUnavailable, Envelope, Retention
+from service.broker import (
+    RESYNC,
+    Arrival,
+    BrokerUnavailable,
+    Envelope,
+    PresenceBatch,
+    PresenceTerms,
+    Retention,
+)
 from service.broker import redis as redis_broker_module
 from service.broker.resp import Address, ConnectionLost
 from tests.brokers import FAST_REDIS, Collector, delivered_again, eventually, redis_broker
@@ -133,6 +141,32 @@ async def test_a_revocation_is_one_expiring_key_named_by_the_hash_of_the_sub(
         assert redis_server.call("GET", key) == "1764000000.25"
         assert 99_000 < int(redis_server.call("PTTL", key)) <= 100_000
         assert await broker.denied(sub) == 1764000000.25
+    finally:
+        await broker.close()
+
+
+async def test_presence_expiry_and_leave_are_ttl_and_grace_after_one_reading_of_redis_time(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """docs/presence.md, "How it is kept": an entry's expiry and a user's due leave are Redis ms,
+    the TTL and the grace after the same TIME (so exactly the TTL less the grace apart when one batch
+    adds the one and departs the other); every key lives TTL + grace + 1 s."""
+    broker = redis_broker(redis_server.url, redis_prefix, "a")
+    try:
+        for group, grace in (("exact", 5.0), ("nograce", 0.0)):
+            terms = PresenceTerms(ttl=60, grace=grace, events=True)
+            channel = f"g:{{{group}}}"
+            await broker.presence_update(channel, terms, PresenceBatch([Arrival("c.1", "ann", "{}")]))
+            batch = PresenceBatch([Arrival("c.2", "bob", "{}")], ["c.1"])
+            await broker.presence_update(channel, terms, batch)
+            expires = int(redis_server.call("ZSCORE", f"{redis_prefix}:pc:{{{group}}}", "c.2"))
+            due = int(redis_server.call("ZSCORE", f"{redis_prefix}:pl:{{{group}}}", "ann"))
+            assert expires - due == 60_000 - grace * 1000
+            assert (
+                55_000
+                < int(redis_server.call("PTTL", f"{redis_prefix}:pc:{{{group}}}"))
+                <= 61_000 + grace * 1000
+            )
     finally:
         await broker.close()
 

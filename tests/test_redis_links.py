@@ -14,7 +14,15 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from service.broker import RESYNC, BrokerUnavailable, Envelope, Retention
+from service.broker import (
+    RESYNC,
+    Arrival,
+    BrokerUnavailable,
+    Envelope,
+    PresenceBatch,
+    PresenceTerms,
+    Retention,
+)
 from service.broker.redis import RedisBroker
 from service.broker.resp import Address, ConnectOptions
 from service.broker.topology import SingleTopology
@@ -206,10 +214,11 @@ async def test_a_master_demoted_under_the_link_refuses_writes_which_end_the_link
 async def test_commands_cut_off_with_the_link_are_sent_again_only_when_idempotent(
     redis_server: RedisServer, redis_prefix: str
 ) -> None:
-    """Redis carried out five commands but the link died before their replies came. Two publishes
+    """Redis carried out seven commands but the link died before their replies came. Two publishes
     are given up (sending them again could deliver them twice) and counted as lost in flight; an
-    append (its idempotency key), a deny record and a read of one are sent once more on the next
-    link, and stored once."""
+    append (its idempotency key), a deny record, a read of one, a presence update (an arrival
+    already there is kept once) and a presence read are sent once more on the next link, and stored
+    once."""
     async with RedisProxy(redis_server.port) as proxy:
         broker = redis_broker(proxy.url, redis_prefix, "a", redis_timeout=2.0)
         retention = Retention(5, 60)
@@ -229,6 +238,11 @@ async def test_commands_cut_off_with_the_link_are_sent_again_only_when_idempoten
                 )
                 deny = asyncio.create_task(broker.deny("someone", 1764000000.5, 60))
                 read = asyncio.create_task(broker.denied("earlier"))
+                terms = PresenceTerms(ttl=60, grace=5, events=False)
+                joined = asyncio.create_task(
+                    broker.presence_update("g:{cut}", terms, PresenceBatch([Arrival("c.1", "ann", "{}")]))
+                )
+                present = asyncio.create_task(broker.presence_read("g:{cut}", terms, 10))
                 assert await proxy.cut(after=0.2) > 0  # the replies are dropped, then the sockets closed
                 for publish in publishes:
                     with pytest.raises(BrokerUnavailable, match="lost before Redis answered"):
@@ -236,14 +250,17 @@ async def test_commands_cut_off_with_the_link_are_sent_again_only_when_idempoten
                 appended = await append
                 await deny
                 assert await read == 1764000000.25
+                assert await joined == []
+                assert ((await present).connections, (await present).users) == (1, 1)
                 await eventually(lambda: broker.ready)
             assert metric("relay_broker_lost_total", reason="in_flight") == in_flight + 2
-            assert metric("relay_broker_resent_total") == resent + 3
+            assert metric("relay_broker_resent_total") == resent + 5
             assert appended.duplicate and appended.position.offset == 2  # carried out by the first try
             assert appended.position.epoch == first.position.epoch
             history = await broker.history("g:{cut}", 0, 10)
             assert history.entries == [(1, "m1"), (2, "m2")]
             assert await broker.denied("someone") == 1764000000.5
+            assert (await broker.presence_read("g:{cut}", terms, 10)).connections == 1
             [back] = [e for e in logs if e["event"] == "broker.reconnected"]
             assert back["publishes_in_flight_lost"] == 2 and back["publishes_refused"] == 0
         finally:
