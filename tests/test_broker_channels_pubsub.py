@@ -23,6 +23,7 @@ from service.broker import (
     PresenceTerms,
     Present,
     Retention,
+    memory,
     open_broker,
 )
 from service.broker.channels_pubsub import BridgedBroker, decode, group_channel, naming, shard
@@ -262,3 +263,30 @@ async def test_open_broker_listens_on_each_of_the_apps_hosts_as_the_settings_say
     finally:
         await pod.stop()
         other.kill()
+
+
+class MovedClock:
+    """The monotonic clock memory.py reads, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_memory_deny_entry_lasts_its_seconds_and_is_gone_at_that_instant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Denied until `seconds` have passed (docs/security.md, "Revocation"), as service/revocations.py
+    keeps its local copy: at the instant itself the entry is gone, and forgotten. The memory bus
+    here; the Redis brokers leave expiry to Redis (`PX`), whose clock a test cannot move."""
+    clock = MovedClock()
+    monkeypatch.setattr(memory, "time", clock)
+    bus = MemoryBus()
+    bus.deny("user-1", 1764000000.5, 30.0)
+    clock.now = 1029.999
+    assert bus.revoked_at("user-1") == 1764000000.5
+    clock.now = 1030.0
+    assert bus.revoked_at("user-1") is None
+    assert "user-1" not in bus.denied
