@@ -524,6 +524,16 @@ async def test_a_retired_node_is_closed_and_released_without_failing_the_link(
         await link.wait_closed()
 
 
+async def test_confirmations_settle_a_channels_waiters_oldest_first() -> None:
+    """`_Node.settle`: two (un)subscribes of one channel in flight are confirmed in order, each
+    once; True while someone was waiting (an unasked SUNSUBSCRIBE is what gets False)."""
+    node = _Node(Address("h", 1), b"probe")
+    first, second = node.expect(b"c"), node.expect(b"c")
+    assert node.settle(b"c", True) is True and first.result() is True and not second.done()
+    assert node.settle(b"c", False) is True and second.result() is False
+    assert node.settle(b"c", True) is False and node.waiters == {}
+
+
 async def test_failing_a_link_cancels_its_tasks_but_not_the_one_that_fails_it() -> None:
     """`_Link.fail`: the link says it failed, with its first reason for good; the watch, a slot-map
     refresh and node openings under way are cancelled (they would add connections to a dead link),
