@@ -893,3 +893,18 @@ async def test_a_link_that_ends_while_opening_waits_on_a_refresh_is_opened_again
         await broker.close()
         if redis_cluster.node_for_slot(slot) is not source:
             redis_cluster.move_slot(slot, source)
+
+
+async def test_both_connections_of_a_link_carry_the_pods_name(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """CLIENT LIST on Redis shows `relay:<pod id>` for the command and the pub/sub connection of a
+    pod, so an operator can tell whose connection is whose (docs/redis.md)."""
+    pod_id = f"named-{secrets.token_hex(4)}"
+    collector = Collector(redis_broker(redis_server.url, redis_prefix, pod_id))
+    try:
+        await collector.broker.subscribe("g:room")
+        clients = redis_server.call("CLIENT", "LIST").splitlines()
+        assert sum(f" name=relay:{pod_id} " in line for line in clients) == 2
+    finally:
+        await collector.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -521,6 +522,86 @@ async def test_a_retired_node_is_closed_and_released_without_failing_the_link(
         for node in (old, newer):
             node.close()
         await link.wait_closed()
+
+
+async def test_confirmations_settle_a_channels_waiters_oldest_first() -> None:
+    """`_Node.settle`: two (un)subscribes of one channel in flight are confirmed in order, each
+    once; True while someone was waiting (an unasked SUNSUBSCRIBE is what gets False)."""
+    node = _Node(Address("h", 1), b"probe")
+    first, second = node.expect(b"c"), node.expect(b"c")
+    assert node.settle(b"c", True) is True and first.result() is True and not second.done()
+    assert node.settle(b"c", False) is True and second.result() is False
+    assert node.settle(b"c", True) is False and node.waiters == {}
+
+
+async def test_failing_a_link_cancels_its_tasks_but_not_the_one_that_fails_it() -> None:
+    """`_Link.fail`: the link says it failed, with its first reason for good; the watch, a slot-map
+    refresh and node openings under way are cancelled (they would add connections to a dead link),
+    except the task calling `fail`, which finishes what it was doing."""
+    link = _Link()
+    never = asyncio.Event()
+    finished: list[str] = []
+
+    async def refresh() -> None:
+        await never.wait()
+
+    async def open_node() -> _Node:
+        await never.wait()
+        raise AssertionError("never opened")
+
+    async def watch() -> None:
+        await asyncio.sleep(0)
+        link.fail("probe_timeout")
+        await asyncio.sleep(0)  # not cancelled: it is the task that failed the link
+        finished.append("watch")
+
+    link.refreshing = asyncio.create_task(refresh())
+    opening = link.opening[Address("h", 1)] = asyncio.create_task(open_node())
+    link.monitor = asyncio.create_task(watch())
+    await link.monitor
+    assert finished == ["watch"] and link.failed is True and link.broken.result() == "probe_timeout"
+    await asyncio.wait([link.refreshing, opening], timeout=1.0)
+    assert link.refreshing.cancelled() and opening.cancelled()
+    link.fail("closed")
+    assert link.failed is True and link.broken.result() == "probe_timeout"
+
+
+async def test_closing_a_node_stops_its_master_check_unless_the_check_is_closing_it() -> None:
+    """A Sentinel master check in flight (`_Node.checking`) is cancelled when its node closes; a
+    check that found a demoted master closes the node itself and finishes."""
+    node = _Node(Address("h", 1), b"probe")
+    never = asyncio.Event()
+    finished: list[str] = []
+
+    async def hang() -> None:
+        await never.wait()
+
+    async def check() -> None:
+        await asyncio.sleep(0)
+        node.close()  # a demoted master found: the link, and this node, are ended from here
+        await asyncio.sleep(0)
+        finished.append("check")
+
+    hanging = node.checking = asyncio.create_task(hang())
+    node.close()
+    await asyncio.wait([hanging], timeout=1.0)
+    assert hanging.cancelled() and node.answered.is_set()
+    node.checking = asyncio.create_task(check())
+    await node.checking
+    assert finished == ["check"]
+
+
+async def test_a_socket_that_never_reports_closed_costs_closing_a_link_one_second() -> None:
+    """`_Link.wait_closed` bounds the wait for the sockets to be released: a connection whose
+    `connection_lost` never comes (here one never connected) does not hang or fail the close."""
+    link = _Link()
+    node = _Node(Address("h", 1), b"probe")
+    node.pub = node.sub = RespConnection()
+    link.nodes[node.address] = node
+    link.fail("closed")
+    started = time.monotonic()
+    await link.wait_closed()
+    assert 0.9 < time.monotonic() - started < 1.9
 
 
 def test_open_broker_refuses_an_unknown_scheme() -> None:
