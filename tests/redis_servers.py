@@ -228,6 +228,11 @@ class RedisCluster:
     def healthy(self) -> bool:
         return all("cluster_state:ok" in n.call("CLUSTER", "INFO") for n in self.nodes_alive())
 
+    def give_back(self, slot: int, owner: RedisServer) -> None:
+        """Move `slot` back to `owner` if a test left it elsewhere (the cluster is shared)."""
+        if self.node_for_slot(slot) is not owner:
+            self.move_slot(slot, owner)
+
     def move_slot(self, slot: int, target: RedisServer) -> None:
         """Reshard one (keyless) slot to `target`, as redis-cli --cluster reshard does."""
         source = self.node_for_slot(slot)

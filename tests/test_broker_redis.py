@@ -418,8 +418,7 @@ async def test_a_subscription_sent_to_a_slots_old_owner_follows_its_moved_answer
     finally:
         await pod.stop()
         await publisher.close()
-        if redis_cluster.node_for_slot(slot) is not source:
-            redis_cluster.move_slot(slot, source)
+        redis_cluster.give_back(slot, source)
         for node in redis_cluster.nodes_alive():
             node.call("CONFIG", "SET", "cluster-preferred-endpoint-type", "ip")
 
@@ -481,8 +480,7 @@ async def test_a_slot_map_that_cannot_be_refreshed_rebuilds_the_link(
     finally:
         unanswered[0] = False
         await broker.close()
-        if redis_cluster.node_for_slot(slot) is not source:
-            redis_cluster.move_slot(slot, source)
+        redis_cluster.give_back(slot, source)
 
 
 async def test_closing_is_quiet_and_final(redis_server: RedisServer, redis_prefix: str) -> None:
@@ -714,8 +712,7 @@ async def test_a_refresh_whose_moved_subscriptions_go_unconfirmed_rebuilds_the_l
     finally:
         pause[0] = False
         await broker.close()
-        if redis_cluster.node_for_slot(slot) is not source:
-            redis_cluster.move_slot(slot, source)
+        redis_cluster.give_back(slot, source)
 
 
 @pytest.mark.xdist_group("redis-cluster")
@@ -840,8 +837,7 @@ async def test_a_subscribe_waiting_on_a_refresh_the_link_ends_under_is_refused_n
     finally:
         cut[0] = False
         await broker.close()
-        if redis_cluster.node_for_slot(slot) is not source:
-            redis_cluster.move_slot(slot, source)
+        redis_cluster.give_back(slot, source)
 
 
 @pytest.mark.xdist_group("redis-cluster")
@@ -891,8 +887,7 @@ async def test_a_link_that_ends_while_opening_waits_on_a_refresh_is_opened_again
     finally:
         step[0] = 99
         await broker.close()
-        if redis_cluster.node_for_slot(slot) is not source:
-            redis_cluster.move_slot(slot, source)
+        redis_cluster.give_back(slot, source)
 
 
 async def test_both_connections_of_a_link_carry_the_pods_name(
