@@ -14,10 +14,16 @@ shared by the N deliveries of each message.
 
 A target is `NAME=PATH` (relay's `python -m service` from the work tree at PATH, run with this
 interpreter: compare two commits by checking one out elsewhere) or `minimal` (loadtest/peers/
-minimal.py, the asyncio + uvloop floor). Pods use the memory broker, no keepalive pings
+minimal.py, the asyncio + uvloop floor). Pods use the memory broker (or `--broker URL`), no keepalive pings
 (RELAY_PING_INTERVAL=0: they would land in the window at random) and no rate limits. `--cpu` runs
 the same without valgrind and reports CPU seconds per delivery from /proc instead (noisy on a
 shared machine: alternate targets over `--rounds`).
+
+`--members` given twice also solves c(n) = d + m / n for each target: m, what one message costs
+whatever its fan-out, and d, what each member adds (the Python limit pays both too):
+
+    .venv/bin/python -m loadtest.delivery_cost --members 10 --members 1000 --broadcasts 40 \
+        --target relay=. --target minimal
 
 `--connections N` counts the other cost a server pays per client: N handshakes (each up to its
 welcome frame, 50 at a time), then their N closes, each phase once the server is quiet:
@@ -47,7 +53,8 @@ from loadtest.servers import ROOT, cpu_seconds, free_port, wait_port
 
 
 class Target:
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, broker: str = "memory://") -> None:
+        self.broker = broker
         self.name, _, path = spec.partition("=")
         self.root = os.path.abspath(path) if path else ROOT
         self.minimal = self.name == "minimal" and not path
@@ -59,7 +66,7 @@ class Target:
         env |= {
             "RELAY_PORT": str(port),
             "RELAY_INTERNAL_PORT": str(internal),
-            "RELAY_BROKER_URL": "memory://",
+            "RELAY_BROKER_URL": self.broker,
             "RELAY_PUBLISH_RATE": "0",
             "RELAY_MAX_CONNECTIONS": "20000",
             "RELAY_LOG_LEVEL": "WARNING",
@@ -196,22 +203,53 @@ async def one(
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     raise_fd_limit()
-    targets = [Target(spec) for spec in args.target]
+    targets = [Target(spec, args.broker) for spec in args.target]
     results = []
+    sizes = args.members or [1000]
     for round_ in range(1, args.rounds + 1):
         for target in targets:
-            result = await one(target, args.members, args.broadcasts, not args.cpu, args.connections)
-            result["round"] = round_
-            print(json.dumps(result), flush=True)
-            results.append(result)
+            for members in sizes:
+                result = await one(target, members, args.broadcasts, not args.cpu, args.connections)
+                result["round"] = round_
+                print(json.dumps(result), flush=True)
+                results.append(result)
+            if len(sizes) > 1 and not args.connections:
+                found = split(results[-len(sizes) :])
+                print(json.dumps(found), flush=True)
+                results.append(found)
     return results
+
+
+def split(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """A server's cost per delivery is c(n) = d + m / n for n members per message: m, what each
+    message costs whatever its fan-out (reading the publisher's frame, the broker, waking tasks),
+    and d, what each member adds. Solved from the smallest and the largest n of one round."""
+    key = "instructions_per_delivery" if "instructions_per_delivery" in results[0] else "cpu_us_per_delivery"
+    small, large = min(results, key=lambda r: r["members"]), max(results, key=lambda r: r["members"])
+    n1, n2, c1, c2 = small["members"], large["members"], small[key], large[key]
+    per_message = (c1 - c2) / (1 / n1 - 1 / n2)
+    unit = key.removesuffix("_per_delivery")
+    return {
+        "target": small["target"],
+        "round": small["round"],
+        "split_from_members": [n1, n2],
+        f"{unit}_per_message": round(per_message, 2 if unit.startswith("cpu") else None),
+        f"{unit}_per_member": round(c2 - per_message / n2, 2 if unit.startswith("cpu") else None),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", action="append", required=True, help="NAME=PATH (relay work tree) or minimal")
-    p.add_argument("--members", type=int, default=1000)
+    p.add_argument(
+        "--members",
+        type=int,
+        action="append",
+        help="members of the group (default 1,000); given twice or more, also splits each target's "
+        "cost into a part per message and a part per member",
+    )
     p.add_argument("--broadcasts", type=int, default=20)
+    p.add_argument("--broker", default="memory://", help="relay's RELAY_BROKER_URL (default memory://)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument(
         "--connections",
@@ -231,6 +269,7 @@ def main() -> None:
             "command": ".venv/bin/python -m loadtest.delivery_cost " + " ".join(sys.argv[1:]),
             "date": date,
             "targets": {t.name: {"root": t.root, "commit": t.commit()} for t in map(Target, args.target)},
+            "broker": args.broker,
             "python": platform.python_version(),
             "valgrind": ""
             if args.cpu
