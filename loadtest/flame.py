@@ -68,6 +68,7 @@ def main() -> None:
         default=0,
         help="profile handshakes instead: rounds of this many new connections, for --seconds",
     )
+    p.add_argument("--native", action="store_true", help="py-spy --native: C frames (uvloop) too")
     args = p.parse_args()
     raise_fd_limit()
     commit, dirty = git("rev-parse", "HEAD"), [line[3:] for line in git("status", "--porcelain").splitlines()]
@@ -87,7 +88,8 @@ def main() -> None:
         }
         duration = int(args.seconds + 15)  # connecting, the publishing window, and the drain
         argv = [pyspy, "record", "--format", "flamegraph", "--rate", str(args.sample_rate), "--duration",
-                str(duration), "-o", args.out, "--", python, "-m", "service"]  # fmt: skip
+                str(duration), "-o", args.out, *(["--native"] if args.native else []),
+                "--", python, "-m", "service"]  # fmt: skip
         with open(os.path.join(servers.logdir, "py-spy.log"), "wb") as log:
             proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
