@@ -34,7 +34,7 @@ from loadtest.servers import MAIN_PYTHON, ROOT, Servers, free_port, wait_port
 def git(*args: str) -> str:
     return subprocess.run(
         ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
-    ).stdout.strip()
+    ).stdout.rstrip()  # not strip(): porcelain lines start with a space
 
 
 async def drive(url: str, rate: float, seconds: float) -> dict[str, Any]:
