@@ -31,6 +31,7 @@ from service.broker.resp import Address, ConnectionLost, ConnectOptions
 from service.broker.topology import SingleTopology
 from tests.brokers import FAST_REDIS, Collector, delivered_again, eventually, redis_broker
 from tests.helpers import free_port, metric
+from tests.redis_proxy import RedisProxy
 from tests.redis_servers import RedisCluster, RedisServer, SentinelSet, start_redis
 
 pytestmark = pytest.mark.integration
@@ -1132,3 +1133,47 @@ async def test_the_resync_notice_takes_its_place_in_the_backlog_like_any_envelop
         assert metric("relay_broker_lost_total", reason="backlog") == lost + 2
     finally:
         await broker.close()
+
+
+async def test_a_new_primary_too_slow_to_open_is_refused_after_redis_timeout(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A channel's primary answers, but each reply takes 0.3 s (a proxy holds them): its two
+    connections, relay's functions and the probe channel take five replies, 1.5 s, each in time
+    but together more than the redis_timeout (1 s here) a primary has to open in. The command is
+    refused after redis_timeout, not carried however late."""
+    async with RedisProxy(redis_server.port) as proxy:
+        broker = redis_broker(redis_server.url, redis_prefix, "a", redis_timeout=1.0)
+        _route_elsewhere(broker, "g:slow", Address("127.0.0.1", proxy.port))
+        try:
+            await broker.publish(env("here"))
+            proxy.delay(0.3)
+            started = time.monotonic()
+            with pytest.raises(
+                BrokerUnavailable, match=rf"^cannot reach the primary at 127\.0\.0\.1:{proxy.port}: "
+            ):
+                await broker.publish(env("late", "g:slow"))
+            assert time.monotonic() - started < 2.5
+        finally:
+            await broker.close()
+
+
+async def test_a_subscription_redis_refuses_in_part_is_refused_whole(
+    redis_server: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One channel per SUBSCRIBE, two in flight (monkeypatched): Redis confirms the first and
+    refuses the second (an ACL), which ends the link. The call is refused, not reported done: the
+    third channel was never sent on that link."""
+    monkeypatch.setattr(redis_broker_module, "SUBSCRIBE_BATCH", 1)
+    monkeypatch.setattr(redis_broker_module, "SUBSCRIBE_WINDOW", 2)
+    user, password = "relay-" + secrets.token_hex(4), secrets.token_hex(8)
+    allowed = [f"&{redis_prefix}:probe:*", f"&{redis_prefix}:g:ok*"]
+    redis_server.call("ACL", "SETUSER", user, "on", ">" + password, "+@all", "~*", "resetchannels", *allowed)
+    broker = redis_broker(f"redis://{user}:{password}@127.0.0.1:{redis_server.port}", redis_prefix, "a")
+    try:
+        await broker.subscribe("g:ok")
+        with pytest.raises(BrokerUnavailable):
+            await broker.subscribe("g:ok2", "g:forbidden", "g:ok3")
+    finally:
+        await broker.close()
+        redis_server.call("ACL", "DELUSER", user)
