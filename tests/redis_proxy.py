@@ -5,13 +5,15 @@ choosing into the stream towards relay on every open connection (a middlebox gon
 speaking something other than RESP); `mute()` drops Redis's replies on one connection and keeps it
 open; `cut()` lets relay's commands through to Redis but drops Redis's replies, then closes the
 connections: commands carried out whose outcome relay never learns, as when a network partition or
-a dying node takes the replies with it.
+a dying node takes the replies with it. `delay()` holds each reply a while (a slow network or a
+busy Redis).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 
 class RedisProxy:
@@ -24,6 +26,7 @@ class RedisProxy:
         self._connections: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
         self._muted: set[asyncio.StreamWriter] = set()  # towards relay: replies dropped
         self._tasks: set[asyncio.Task[None]] = set()
+        self._delay = 0.0  # seconds each chunk towards relay is held
         self.port = 0
 
     async def __aenter__(self) -> RedisProxy:
@@ -57,6 +60,11 @@ class RedisProxy:
         opened them; -1 the newest) and leave it open: a Redis that stopped answering it only."""
         self._muted.add(self._connections[connection][0])
 
+    def delay(self, seconds: float) -> None:
+        """Hold every chunk of replies towards relay `seconds` before passing it on, on every
+        connection from now on (0: at once again)."""
+        self._delay = seconds
+
     async def cut(self, after: float) -> int:
         """Drop every reply on the open connections from now on and close them `after` seconds
         later; connections made afterwards pass through. How many were cut."""
@@ -72,19 +80,25 @@ class RedisProxy:
         from_redis, to_redis = await asyncio.open_connection("127.0.0.1", self._target)
         self._towards_relay.append(to_relay)
         self._connections.append((to_relay, to_redis))
-        for source, sink in ((from_relay, to_redis), (from_redis, to_relay)):
-            task = asyncio.get_running_loop().create_task(_pump(source, sink, self._muted))
+        towards = ((from_relay, to_redis, lambda: 0.0), (from_redis, to_relay, lambda: self._delay))
+        for source, sink, hold in towards:
+            task = asyncio.get_running_loop().create_task(_pump(source, sink, self._muted, hold))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
 
 async def _pump(
-    source: asyncio.StreamReader, sink: asyncio.StreamWriter, muted: set[asyncio.StreamWriter]
+    source: asyncio.StreamReader,
+    sink: asyncio.StreamWriter,
+    muted: set[asyncio.StreamWriter],
+    hold: Callable[[], float],
 ) -> None:
     try:
         while data := await source.read(65536):
             if sink in muted:
                 continue
+            if (seconds := hold()) > 0:
+                await asyncio.sleep(seconds)
             sink.write(data)
             await sink.drain()
     except (ConnectionError, asyncio.CancelledError):

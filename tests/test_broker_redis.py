@@ -10,6 +10,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,10 +27,12 @@ from service.broker import (
     Retention,
 )
 from service.broker import redis as redis_broker_module
-from service.broker.resp import Address, ConnectionLost
+from service.broker.resp import Address, ConnectionLost, ConnectOptions
+from service.broker.topology import SingleTopology
 from tests.brokers import FAST_REDIS, Collector, delivered_again, eventually, redis_broker
 from tests.helpers import free_port, metric
-from tests.redis_servers import RedisCluster, RedisServer, SentinelSet
+from tests.redis_proxy import RedisProxy
+from tests.redis_servers import RedisCluster, RedisServer, SentinelSet, start_redis
 
 pytestmark = pytest.mark.integration
 
@@ -348,26 +351,36 @@ async def test_a_sentinel_link_asks_every_probe_interval_whether_its_master_stil
 
 
 async def test_subscriptions_go_in_confirmed_batches_a_few_at_a_time(
-    redis_server: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+    dedicated_redis: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SUBSCRIBE_BATCH channels per command, SUBSCRIBE_WINDOW commands in flight (3 and 2 here, so
-    20 channels take seven batches): every channel is subscribed once, and unsubscribed the same way."""
+    20 channels take seven batches): every channel is subscribed once, and unsubscribed the same way
+    (19 channels, seven UNSUBSCRIBE commands)."""
     monkeypatch.setattr(redis_broker_module, "SUBSCRIBE_BATCH", 3)
     monkeypatch.setattr(redis_broker_module, "SUBSCRIBE_WINDOW", 2)
     channels = [f"g:batch{n}" for n in range(20)]
     names = [f"{redis_prefix}:{c}" for c in channels]
-    broker = redis_broker(redis_server.url, redis_prefix, "a")
+    broker = redis_broker(dedicated_redis.url, redis_prefix, "a")
     assert isinstance(broker, redis_broker_module.RedisBroker)
+
+    def calls(command: str) -> int:  # only this test's broker uses this server
+        return int(dedicated_redis.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
     a = Collector(broker)
     try:
+        await eventually(lambda: broker.ready)  # the link and its probe channel first
+        subscribes = calls("subscribe")
         await a.broker.subscribe(*channels)
+        assert calls("subscribe") == subscribes + 7
         first = broker._link
-        assert redis_server.call("PUBSUB", "NUMSUB", *names)[1::2] == [1] * 20
+        assert dedicated_redis.call("PUBSUB", "NUMSUB", *names)[1::2] == [1] * 20
         for channel in channels:
             assert await a.broker.publish(env(channel, channel)) == 1
         assert sorted(e.frame for e in await a.wait_for(20)) == sorted(channels)
+        unsubscribes = calls("unsubscribe")
         await a.broker.unsubscribe(*channels[:19])
-        assert redis_server.call("PUBSUB", "NUMSUB", *names)[1::2] == [0] * 19 + [1]
+        assert calls("unsubscribe") == unsubscribes + 7
+        assert dedicated_redis.call("PUBSUB", "NUMSUB", *names)[1::2] == [0] * 19 + [1]
         assert first is not None and broker._link is first and not first.failed  # confirmed: kept
     finally:
         await a.stop()
@@ -906,3 +919,264 @@ async def test_both_connections_of_a_link_carry_the_pods_name(
         assert sum(f" name=relay:{pod_id} " in line for line in clients) == 2
     finally:
         await collector.stop()
+
+
+def _route_elsewhere(broker: Any, channel: str, address: Address) -> None:
+    """Make the broker's topology route one channel to another primary (as a cluster's new one)."""
+    topology = broker._topology
+    real = topology.route
+    name = f"{broker._prefix.decode()}{channel}".encode()
+    topology.route = lambda c: address if c == name else real(c)
+
+
+async def test_a_primary_that_cannot_be_reached_is_refused_counted_and_tried_again_next_time(
+    redis_server: RedisServer, redis_prefix: str, tmp_path: Path
+) -> None:
+    """A channel's primary that nothing answers at yet (a cluster's new primary still starting):
+    the command is refused at once with where and why, counted as lost to a link that is down.
+    The failure is not kept: the next command tries again, and once the primary listens it is
+    carried, on the same link."""
+    broker = redis_broker(redis_server.url, redis_prefix, "a")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    port = free_port()
+    _route_elsewhere(broker, "g:elsewhere", Address("127.0.0.1", port))
+    late: RedisServer | None = None
+    try:
+        await broker.publish(env("here"))
+        first = broker._link
+        down = metric("relay_broker_lost_total", reason="link_down")
+        with pytest.raises(BrokerUnavailable, match=rf"^cannot reach the primary at 127\.0\.0\.1:{port}: \S"):
+            await broker.publish(env("nowhere", "g:elsewhere"))
+        assert metric("relay_broker_lost_total", reason="link_down") == down + 1
+        late = start_redis(tmp_path / "late", port=port)
+        assert await broker.publish(env("now it listens", "g:elsewhere")) == 0
+        assert broker._link is first and first is not None and not first.failed
+    finally:
+        await broker.close()
+        if late is not None:
+            late.kill()
+
+
+async def test_concurrent_first_commands_to_a_new_primary_open_it_once(
+    redis_server: RedisServer, dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """Five commands at once for a primary the link has not connected yet (dedicated_redis, as a
+    cluster's new primary): it is opened once, two connections, and closing the broker leaves none
+    of the pod's connections behind there."""
+    pod_id = "once" + secrets.token_hex(3)
+    broker = redis_broker(redis_server.url, redis_prefix, pod_id)
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    _route_elsewhere(broker, "g:new", Address("127.0.0.1", dedicated_redis.port))
+
+    def ours() -> int:
+        return str(dedicated_redis.call("CLIENT", "LIST")).count(f" name=relay:{pod_id} ")
+
+    try:
+        await broker.publish(env("here"))
+        reached = await asyncio.gather(*(broker.publish(env(f"m{n}", "g:new")) for n in range(5)))
+        assert reached == [0] * 5
+        assert ours() == 2  # commands and pub/sub
+    finally:
+        await broker.close()
+    await eventually(lambda: ours() == 0)
+
+
+async def test_pods_sharing_a_redis_load_relays_functions_without_a_false_alarm(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """Every pod loads relay's functions when it connects (FUNCTION LOAD REPLACE): the second pod
+    on a Redis that holds them already replaces them quietly. No pod says history is unavailable,
+    and appends from either are stored."""
+    a = redis_broker(dedicated_redis.url, redis_prefix, "a")
+    b = redis_broker(dedicated_redis.url, redis_prefix, "b")
+    try:
+        with capture_logs() as logs:
+            first = await a.append(env("from a", "g:{h}"), Retention(5, 60), "key-a")
+            second = await b.append(env("from b", "g:{h}"), Retention(5, 60), "key-b")
+        assert (first.position.offset, second.position.offset) == (1, 2)
+        assert [e for e in logs if e["log_level"] == "error"] == []
+        assert not [e for e in logs if e["event"] == "broker.history_unavailable"]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_killed_command_connection_ends_the_link_at_once(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Only the connection that carries a pod's commands is closed (CLIENT KILL, a proxy, a
+    timeout on the server): the link is rebuilt at once (connection_lost), not left refusing every
+    publish until a probe, 30 s apart here, notices."""
+    pod_id = "cmd" + secrets.token_hex(3)
+    broker = redis_broker(redis_server.url, redis_prefix, pod_id, redis_probe_interval=30.0)
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    try:
+        await broker.subscribe("g:room")
+        first = broker._link
+        lost = metric("relay_redis_link_failures_total", reason="connection_lost")
+        clients = redis_server.call("CLIENT", "LIST").splitlines()
+        [command] = [c.split()[0][3:] for c in clients if f" name=relay:{pod_id} " in c and " flags=N " in c]
+        redis_server.call("CLIENT", "KILL", "ID", command)
+        await eventually(lambda: broker._link not in (None, first))
+        assert metric("relay_redis_link_failures_total", reason="connection_lost") == lost + 1
+        assert await broker.publish(env("carried")) == 1
+    finally:
+        await broker.close()
+
+
+async def test_a_redis_that_refuses_relays_probe_channel_says_so_in_the_failed_attempt(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """An ACL that lets relay's groups through but not its probe channels: the link cannot be
+    proven, so no attempt succeeds. The failed attempt is counted and its line names the primary
+    and what it did not confirm (with Redis's own refusal beside it); it is not logged as a bug."""
+    user, password = "relay-" + secrets.token_hex(4), secrets.token_hex(8)
+    groups = f"&{redis_prefix}:g:*"
+    redis_server.call("ACL", "SETUSER", user, "on", ">" + password, "+@all", "~*", "resetchannels", groups)
+    broker = redis_broker(f"redis://{user}:{password}@127.0.0.1:{redis_server.port}", redis_prefix, "a")
+    failed = metric("relay_redis_link_failures_total", reason="connect_failed")
+    try:
+        with capture_logs() as logs:
+            with pytest.raises(BrokerUnavailable):
+                await broker.subscribe("g:room")
+            await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs))
+        [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+        assert line["error"] == f"127.0.0.1:{redis_server.port} did not confirm the probe channel"
+        assert any(e["error"].startswith("NOPERM") for e in logs if e["event"] == "broker.subscribe_refused")
+        assert not [e for e in logs if e["event"] == "broker.supervisor_error"]
+        assert metric("relay_redis_link_failures_total", reason="connect_failed") > failed
+    finally:
+        await broker.close()
+        redis_server.call("ACL", "DELUSER", user)
+
+
+async def test_a_redis_that_holds_relays_functions_unanswered_is_given_up_after_redis_timeout(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """Redis accepts the connections and names them, then holds FUNCTION LOAD unanswered (here
+    CLIENT PAUSE WRITE; a Redis busy in a long script alike): each attempt is given up after
+    redis_timeout, counted and logged, instead of waiting for ever; once Redis answers, the link
+    comes up."""
+    dedicated_redis.call("CLIENT", "PAUSE", 60_000, "WRITE")
+    broker = redis_broker(dedicated_redis.url, redis_prefix, "a")  # redis_timeout 0.5 s
+    try:
+        with capture_logs() as logs:
+            with pytest.raises(BrokerUnavailable):
+                await broker.subscribe("g:room")
+            await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs), 10)
+        [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+        assert line["error"] == "TimeoutError"
+        dedicated_redis.call("CLIENT", "UNPAUSE")
+        await eventually(lambda: broker.ready, 10)
+        assert await broker.publish(env("carried")) == 1
+    finally:
+        dedicated_redis.call("CLIENT", "UNPAUSE")
+        await broker.close()
+
+
+async def test_a_group_left_while_the_link_is_being_opened_is_not_left_subscribed(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """A group is left while a new link is being opened, after that link subscribed it but before
+    its probe came back (here CLIENT PAUSE WRITE holds the probe's PUBLISH): before the link is up
+    it unsubscribes the group, so Redis does not go on sending the pod a group nobody there wants."""
+    broker = redis_broker_module.RedisBroker(
+        SingleTopology(Address("127.0.0.1", dedicated_redis.port)),
+        ConnectOptions(timeout=5.0),
+        pod_id="a",
+        prefix=redis_prefix,
+        probe_interval=30.0,
+        backoff_max=0.3,
+        history=False,  # FUNCTION LOAD is a write: the pause would hold it too
+    )
+    left, kept = f"{redis_prefix}:g:left", f"{redis_prefix}:g:kept"
+
+    def subscribers(name: str) -> int:
+        return int(dedicated_redis.call("PUBSUB", "NUMSUB", name)[1])
+
+    try:
+        await broker.subscribe("g:left", "g:kept")
+        dedicated_redis.call("CLIENT", "PAUSE", 60_000, "WRITE")
+        dedicated_redis.call("CLIENT", "KILL", "TYPE", "pubsub")
+        # the old link is gone and the new one, not up yet, subscribed both again
+        await eventually(lambda: broker._link is None and subscribers(left) == subscribers(kept) == 1, 10)
+        await broker.unsubscribe("g:left")
+        dedicated_redis.call("CLIENT", "UNPAUSE")
+        await eventually(lambda: broker.ready, 10)
+        assert (subscribers(left), subscribers(kept)) == (0, 1)
+    finally:
+        dedicated_redis.call("CLIENT", "UNPAUSE")
+        await broker.close()
+
+
+async def test_the_resync_notice_takes_its_place_in_the_backlog_like_any_envelope(
+    dedicated_redis: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The notice of a new link (RESYNC) waits in the backlog with what was read before it, and
+    counts as one envelope there: once the hub took all of it, the backlog holds MAX_BACKLOG (3
+    here) again, no more and no fewer."""
+    monkeypatch.setattr(redis_broker_module, "MAX_BACKLOG", 3)
+    broker = redis_broker(dedicated_redis.url, redis_prefix, "a")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    try:
+        await broker.subscribe("g:room")
+        messages = broker.messages()
+        first = broker._link
+        assert await broker.publish(env("before")) == 1  # not read before the link is rebuilt
+        dedicated_redis.call("CLIENT", "KILL", "TYPE", "pubsub")
+        await eventually(lambda: broker._link not in (None, first))
+        got = [await asyncio.wait_for(anext(messages), 5) for _ in range(2)]
+        assert [got[0].frame, got[1]] == ["before", RESYNC]
+        lost = metric("relay_broker_lost_total", reason="backlog")
+        for n in range(5):  # nobody reads messages() meanwhile
+            await broker.publish(env(f"m{n}"))
+        await eventually(lambda: metric("relay_broker_lost_total", reason="backlog") >= lost + 2)
+        got = [await asyncio.wait_for(anext(messages), 5) for _ in range(3)]
+        assert [e.frame for e in got] == ["m0", "m1", "m2"]
+        assert metric("relay_broker_lost_total", reason="backlog") == lost + 2
+    finally:
+        await broker.close()
+
+
+async def test_a_new_primary_too_slow_to_open_is_refused_after_redis_timeout(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A channel's primary answers, but each reply takes 0.3 s (a proxy holds them): its two
+    connections, relay's functions and the probe channel take five replies, 1.5 s, each in time
+    but together more than the redis_timeout (1 s here) a primary has to open in. The command is
+    refused after redis_timeout, not carried however late."""
+    async with RedisProxy(redis_server.port) as proxy:
+        broker = redis_broker(redis_server.url, redis_prefix, "a", redis_timeout=1.0)
+        _route_elsewhere(broker, "g:slow", Address("127.0.0.1", proxy.port))
+        try:
+            await broker.publish(env("here"))
+            proxy.delay(0.3)
+            started = time.monotonic()
+            with pytest.raises(
+                BrokerUnavailable, match=rf"^cannot reach the primary at 127\.0\.0\.1:{proxy.port}: "
+            ):
+                await broker.publish(env("late", "g:slow"))
+            assert time.monotonic() - started < 2.5
+        finally:
+            await broker.close()
+
+
+async def test_a_subscription_redis_refuses_in_part_is_refused_whole(
+    redis_server: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One channel per SUBSCRIBE, two in flight (monkeypatched): Redis confirms the first and
+    refuses the second (an ACL), which ends the link. The call is refused, not reported done: the
+    third channel was never sent on that link."""
+    monkeypatch.setattr(redis_broker_module, "SUBSCRIBE_BATCH", 1)
+    monkeypatch.setattr(redis_broker_module, "SUBSCRIBE_WINDOW", 2)
+    user, password = "relay-" + secrets.token_hex(4), secrets.token_hex(8)
+    allowed = [f"&{redis_prefix}:probe:*", f"&{redis_prefix}:g:ok*"]
+    redis_server.call("ACL", "SETUSER", user, "on", ">" + password, "+@all", "~*", "resetchannels", *allowed)
+    broker = redis_broker(f"redis://{user}:{password}@127.0.0.1:{redis_server.port}", redis_prefix, "a")
+    try:
+        await broker.subscribe("g:ok")
+        with pytest.raises(BrokerUnavailable):
+            await broker.subscribe("g:ok2", "g:forbidden", "g:ok3")
+    finally:
+        await broker.close()
+        redis_server.call("ACL", "DELUSER", user)
