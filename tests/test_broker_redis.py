@@ -1050,6 +1050,31 @@ async def test_a_redis_that_refuses_relays_probe_channel_says_so_in_the_failed_a
         redis_server.call("ACL", "DELUSER", user)
 
 
+async def test_a_link_that_ends_while_it_is_opened_says_why_in_the_failed_attempt(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The pod holds a group; then its ACL loses that group and its connections are cut. Each new
+    link ends while it is opened, as Redis refuses the group's subscription: the failed attempt says
+    so, with the link's reason, rather than that Redis was too slow to confirm."""
+    user, password = "relay-" + secrets.token_hex(4), secrets.token_hex(8)
+    probes, groups = f"&{redis_prefix}:probe:*", f"&{redis_prefix}:g:*"
+    redis_server.call(
+        "ACL", "SETUSER", user, "on", ">" + password, "+@all", "~*", "resetchannels", probes, groups
+    )
+    broker = redis_broker(f"redis://{user}:{password}@127.0.0.1:{redis_server.port}", redis_prefix, "a")
+    try:
+        await broker.subscribe("g:room")
+        with capture_logs() as logs:
+            redis_server.call("ACL", "SETUSER", user, "resetchannels", probes)
+            redis_server.call("CLIENT", "KILL", "USER", user)
+            await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs))
+        line = next(e for e in logs if e["event"] == "broker.connect_failed")
+        assert line["error"].startswith("the link failed while it was being opened (")
+    finally:
+        await broker.close()
+        redis_server.call("ACL", "DELUSER", user)
+
+
 async def test_a_redis_that_holds_relays_functions_unanswered_is_given_up_after_redis_timeout(
     dedicated_redis: RedisServer, redis_prefix: str
 ) -> None:
@@ -1157,6 +1182,33 @@ async def test_a_new_primary_too_slow_to_open_is_refused_after_redis_timeout(
             ):
                 await broker.publish(env("late", "g:slow"))
             assert time.monotonic() - started < 2.5
+        finally:
+            await broker.close()
+
+
+async def test_a_command_waiting_on_a_primary_the_link_ends_under_is_refused_not_cancelled(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The link ends while a new primary is being opened for a publish (its replies held by a
+    proxy). Ending the link cancels the opening; the publish waiting on it is refused with
+    BrokerUnavailable, which the hub turns into an answer, not cancelled as if its caller had gone."""
+    async with RedisProxy(redis_server.port) as proxy:
+        broker = redis_broker(redis_server.url, redis_prefix, "a", redis_timeout=5.0)
+        assert isinstance(broker, redis_broker_module.RedisBroker)
+        _route_elsewhere(broker, "g:slow", Address("127.0.0.1", proxy.port))
+        try:
+            await broker.publish(env("here"))
+            link = broker._link
+            assert link is not None
+            proxy.delay(0.5)
+            waiting = asyncio.create_task(broker.publish(env("late", "g:slow")))
+            await eventually(lambda: bool(link.opening))
+            link.fail("test")
+            with pytest.raises(
+                BrokerUnavailable,
+                match=rf"^cannot reach the primary at 127\.0\.0\.1:{proxy.port}: the link ended$",
+            ):
+                await asyncio.wait_for(waiting, 5)
         finally:
             await broker.close()
 

@@ -396,14 +396,14 @@ class RedisBroker:
                     b"SET", key, value, timeout=self._timeout
                 )
             if not await self._reconcile(link):
-                raise ConnectionLost("Redis did not confirm the subscriptions in time")
+                raise ConnectionLost(_unconfirmed(link))
             await asyncio.wait_for(
                 asyncio.gather(*(self._probe(node) for node in link.nodes.values())), self._timeout
             )
             if not await self._reconcile(link):  # channels wanted or dropped while the probe was out
-                raise ConnectionLost("Redis did not confirm the subscriptions in time")
+                raise ConnectionLost(_unconfirmed(link))
             if link.failed:
-                raise ConnectionLost(f"the link failed while it was being opened ({link.broken.result()})")
+                raise ConnectionLost(_unconfirmed(link))
         except BaseException:
             link.fail("closed")
             await link.wait_closed()
@@ -456,11 +456,14 @@ class RedisBroker:
                 asyncio.wait_for(self._open_node(link, address), self._timeout)
             )
             task.add_done_callback(lambda _: link.opening.pop(address, None))
+        # Not `shield`: the link's end cancels the opening, and that must not cancel this caller.
+        await asyncio.wait([task])
         try:
-            return await asyncio.shield(task)
-        except (OSError, TimeoutError, ConnectionLost, ReplyError) as exc:
+            return task.result()
+        except (OSError, TimeoutError, ConnectionLost, ReplyError, asyncio.CancelledError) as exc:
             metrics.BROKER_LOST.labels("link_down").inc()
-            raise BrokerUnavailable(f"cannot reach the primary at {address}: {exc}") from None
+            why = "the link ended" if isinstance(exc, asyncio.CancelledError) else exc
+            raise BrokerUnavailable(f"cannot reach the primary at {address}: {why}") from None
 
     def _refresh_soon(self, link: _Link) -> None:
         if link.failed or not self._topology.sharded:
@@ -757,3 +760,11 @@ class RedisBroker:
 def _ignore(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()  # retrieved, so asyncio does not log it; the watch judges the link
+
+
+def _unconfirmed(link: _Link) -> str:
+    """Why a link being opened is given up: it ended (a connection lost, a subscription refused),
+    or Redis did not confirm its subscriptions in time."""
+    if link.failed:
+        return f"the link failed while it was being opened ({link.broken.result()})"
+    return "Redis did not confirm the subscriptions in time"
