@@ -60,7 +60,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Fastest tests first. mutmut runs a mutant's tests with `-x` in the order of a set, so a
     mutant caught only by a quick test could first sit through a minute of slow pod tests; the
     durations of the clean run (mutants/mutmut-stats.json, written before any mutant runs) put the
-    quick ones first. Measured on the broker's remaining mutants: docs/mutation.md."""
+    quick ones first (docs/mutation.md, "Running it")."""
     durations = _durations()
     if durations:
         items.sort(key=lambda item: durations.get(item.nodeid, 60.0))
