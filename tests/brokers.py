@@ -48,9 +48,21 @@ class Collector:
         return self.envelopes
 
     async def quiet(self, within: float = 0.3) -> None:
+        """Assert no envelope arrives within `within` seconds (> 0: a zero window sleeps not at all
+        and so cannot see anything). Prefer `nothing_before`: a marker, no fixed window to wait out."""
+        assert within > 0, "a zero window cannot see anything"
         before = len(self.envelopes)
         await asyncio.sleep(within)
         assert self.envelopes[before:] == [], "unexpected envelopes"
+
+    async def nothing_before(self, marker: Envelope, since: int, timeout: float = 5.0) -> None:
+        """Assert the first envelope after the first `since` is `marker` (published after whatever
+        must not arrive), so nothing published ahead of it reached this pod. Take `since` as
+        `len(envelopes)` before publishing: the marker may arrive before this is called. Sound only
+        when what must not arrive would have come the marker's way ahead of it: one publisher, and in
+        a cluster one slot (a hash tag shared by the channels), whose order Redis keeps."""
+        arrived = await self.wait_for(since + 1, timeout)
+        assert arrived[since] == marker, f"unexpected envelope before the marker: {arrived[since]!r}"
 
     async def stop(self) -> None:
         await self.broker.close()

@@ -150,15 +150,25 @@ async def test_publish_to_a_channel_nobody_wants_reaches_nobody(pods: Pods) -> N
 
 
 async def test_unsubscribe_stops_delivery_and_leaves_nothing_behind(pods: Pods) -> None:
-    """After the last unsubscribe no subscription remains on the bus."""
-    await pods.a.broker.subscribe("g:x", "g:y")
-    await pods.b.broker.subscribe("g:x")
-    assert pods.leftover() == {"g:x", "g:y"}
-    await pods.a.broker.unsubscribe("g:x", "g:y")
-    await pods.b.broker.unsubscribe("g:x")
-    assert await pods.a.broker.publish(env("g:x", "{}")) == 0
-    await pods.a.quiet(0.1)
-    await pods.b.quiet(0.0)
+    """After the last unsubscribe nothing published on the channel is delivered, and no
+    subscription remains on the bus. A marker published after it, on a channel both pods still
+    hear, in the same slot (the hash tag `{x}`), shows nothing came first: no fixed window."""
+    await pods.a.broker.subscribe("g:{x}", "g:{y}")
+    await pods.b.broker.subscribe("g:{x}")
+    assert pods.leftover() == {"g:{x}", "g:{y}"}
+    await pods.a.broker.unsubscribe("g:{x}", "g:{y}")
+    await pods.b.broker.unsubscribe("g:{x}")
+    await pods.a.broker.subscribe("g:{x}marker")
+    await pods.b.broker.subscribe("g:{x}marker")
+    seen = len(pods.a.envelopes), len(pods.b.envelopes)
+    reached = await pods.a.broker.publish(env("g:{x}", "{}"))
+    marker = env("g:{x}marker", "marker")
+    assert await pods.a.broker.publish(marker) == 2
+    await pods.a.nothing_before(marker, since=seen[0])
+    await pods.b.nothing_before(marker, since=seen[1])
+    assert reached == 0
+    await pods.a.broker.unsubscribe("g:{x}marker")
+    await pods.b.broker.unsubscribe("g:{x}marker")
     assert pods.leftover() == set()
 
 
