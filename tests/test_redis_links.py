@@ -29,7 +29,7 @@ from service.broker.topology import SingleTopology
 from service.client import RelayClient, RelayError
 from tests.brokers import Collector, delivered_again, eventually, redis_broker
 from tests.helpers import closed_with, join, metric, running_pod, ws_url
-from tests.redis_proxy import RedisProxy
+from tests.redis_proxy import RedisProxy, _pump
 from tests.redis_servers import RedisServer, start_redis
 
 pytestmark = pytest.mark.integration
@@ -451,3 +451,85 @@ async def test_a_command_sent_again_is_not_sent_a_third_time(
         assert metric("relay_broker_lost_total", reason="in_flight") == lost + 1
     finally:
         await broker.close()
+
+
+class UnconfirmingProxy(RedisProxy):
+    """A RedisProxy that, while `hiding` names a channel, drops every chunk of Redis's replies that
+    mentions it: Redis carries out the SUBSCRIBE, but its confirmation never reaches relay. The
+    probe channel's confirmation and everything else pass through."""
+
+    def __init__(self, target: int) -> None:
+        super().__init__(target)
+        self.hiding: bytes | None = None
+        self.hidden = 0  # chunks dropped
+
+    async def _accept(self, from_relay: asyncio.StreamReader, to_relay: asyncio.StreamWriter) -> None:
+        from_redis, to_redis = await asyncio.open_connection("127.0.0.1", self._target)
+        self._towards_relay.append(to_relay)
+        self._connections.append((to_relay, to_redis))
+        commands = _pump(from_relay, to_redis, self._muted, lambda: 0.0)
+        for pump in (commands, self._replies(from_redis, to_relay)):
+            task = asyncio.get_running_loop().create_task(pump)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _replies(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                if sink in self._muted:
+                    continue
+                if self.hiding is not None and self.hiding in data:
+                    self.hidden += 1
+                    continue
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            sink.close()
+
+
+async def test_a_reconnect_whose_resubscription_redis_never_confirms_fails_after_redis_timeout(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """After a cut the new link subscribes every wanted channel again; Redis takes the SUBSCRIBE but
+    its confirmation never comes. The attempt is given up after redis_timeout (1 s here), not left
+    hanging and not let up unconfirmed: one broker.connect_failed line with the reason, counted
+    under reason="connect_failed", and retried until Redis confirms, when the link comes up and
+    carries the channel again."""
+    proxy = UnconfirmingProxy(redis_server.port)
+    async with proxy:
+        timings = {"redis_probe_interval": 30.0, "redis_timeout": 1.0, "redis_backoff_max": 0.3}
+        a = Collector(redis_broker(proxy.url, redis_prefix, "a", **timings))
+        b = Collector(redis_broker(redis_server.url, redis_prefix, "b", **timings))  # no proxy
+        broker = a.broker
+        assert isinstance(broker, RedisBroker)
+
+        def failed() -> float:
+            return metric("relay_redis_link_failures_total", reason="connect_failed")
+
+        try:
+            await broker.subscribe("g:kept")
+            first = broker._link
+            before = failed()
+            proxy.hiding = f"{redis_prefix}:g:kept".encode()
+            with capture_logs() as logs:
+                assert await proxy.cut(after=0.0) == 2
+                started = time.monotonic()
+                await eventually(lambda: failed() > before, 10)
+                took = time.monotonic() - started
+                assert proxy.hidden >= 1  # the SUBSCRIBE reached Redis; its confirmation was dropped
+                assert broker._link is None
+                assert 1.0 <= took < 5.0  # redis_timeout, plus a reconnect on a loaded machine
+                proxy.hiding = None
+                await eventually(lambda: broker._link not in (None, first), 10)
+            [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+            assert line["error"] == "Redis did not confirm the subscriptions in time"
+            [up] = [e for e in logs if e["event"] == "broker.reconnected"]
+            assert up["failed_attempts"] == failed() - before >= 1
+            subscribers = redis_server.call("PUBSUB", "NUMSUB", f"{redis_prefix}:g:kept")
+            assert subscribers[1] == 1
+            await delivered_again(b, a, "g:kept", 5)
+        finally:
+            await a.stop()
+            await b.stop()
