@@ -29,7 +29,7 @@ from service.broker.topology import SingleTopology
 from service.client import RelayClient, RelayError
 from tests.brokers import Collector, delivered_again, eventually, redis_broker
 from tests.helpers import closed_with, join, metric, running_pod, ws_url
-from tests.redis_proxy import RedisProxy, _pump
+from tests.redis_proxy import RedisProxy
 from tests.redis_servers import RedisServer, start_redis
 
 pytestmark = pytest.mark.integration
@@ -453,25 +453,47 @@ async def test_a_command_sent_again_is_not_sent_a_third_time(
         await broker.close()
 
 
-class UnconfirmingProxy(RedisProxy):
-    """A RedisProxy that, while `hiding` names a channel, drops every chunk of Redis's replies that
-    mentions it: Redis carries out the SUBSCRIBE, but its confirmation never reaches relay. The
-    probe channel's confirmation and everything else pass through."""
+class ScriptedProxy(RedisProxy):
+    """A RedisProxy that breaks what one test needs, and nothing else. While `hiding` names a
+    channel, every chunk of Redis's replies that mentions it is dropped: Redis carries out the
+    SUBSCRIBE, but its confirmation never reaches relay (the probe channel's passes). While
+    `loading` is a byte string and `refusals` is above zero, a chunk of relay's commands holding it
+    is not forwarded to Redis: the proxy answers it `-LOADING`, as a Redis loading its data set does,
+    and counts one refusal down."""
+
+    LOADING = b"-LOADING Redis is loading the dataset in memory\r\n"
 
     def __init__(self, target: int) -> None:
         super().__init__(target)
         self.hiding: bytes | None = None
-        self.hidden = 0  # chunks dropped
+        self.hidden = 0  # chunks of replies dropped
+        self.loading: bytes | None = None
+        self.refusals = 0
 
     async def _accept(self, from_relay: asyncio.StreamReader, to_relay: asyncio.StreamWriter) -> None:
         from_redis, to_redis = await asyncio.open_connection("127.0.0.1", self._target)
         self._towards_relay.append(to_relay)
         self._connections.append((to_relay, to_redis))
-        commands = _pump(from_relay, to_redis, self._muted, lambda: 0.0)
-        for pump in (commands, self._replies(from_redis, to_relay)):
+        for pump in (self._commands(from_relay, to_redis, to_relay), self._replies(from_redis, to_relay)):
             task = asyncio.get_running_loop().create_task(pump)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _commands(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, back: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while data := await source.read(65536):
+                if self.loading is not None and self.refusals > 0 and self.loading in data:
+                    self.refusals -= 1
+                    back.write(self.LOADING)
+                    continue
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            sink.close()
 
     async def _replies(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         try:
@@ -497,7 +519,7 @@ async def test_a_reconnect_whose_resubscription_redis_never_confirms_fails_after
     hanging and not let up unconfirmed: one broker.connect_failed line with the reason, counted
     under reason="connect_failed", and retried until Redis confirms, when the link comes up and
     carries the channel again."""
-    proxy = UnconfirmingProxy(redis_server.port)
+    proxy = ScriptedProxy(redis_server.port)
     async with proxy:
         timings = {"redis_probe_interval": 30.0, "redis_timeout": 1.0, "redis_backoff_max": 0.3}
         a = Collector(redis_broker(proxy.url, redis_prefix, "a", **timings))
@@ -533,3 +555,59 @@ async def test_a_reconnect_whose_resubscription_redis_never_confirms_fails_after
         finally:
             await a.stop()
             await b.stop()
+
+
+async def test_a_command_answered_loading_ends_the_link_and_is_carried_once_on_the_next(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A Redis loading its data set answers `-LOADING` (here the proxy answers so in its stead, and
+    the command never reaches Redis): it was not carried out. As docs/redis.md says, the link ends
+    (reason="loading"), is rebuilt, and the command is sent once more on the new link, where Redis
+    carries it: the publish returns its receiver, and the message arrives once, nothing lost, nothing
+    twice. A second -LOADING on the next link too is a refusal with Redis's reason, not a loop."""
+    proxy = ScriptedProxy(redis_server.port)
+    async with proxy:
+        slow_probes = {"redis_probe_interval": 30.0, "redis_timeout": 1.0, "redis_backoff_max": 0.3}
+        broker = redis_broker(proxy.url, redis_prefix, "a", **slow_probes)
+        assert isinstance(broker, RedisBroker)
+        a = Collector(broker)
+
+        def loading() -> float:
+            return metric("relay_redis_link_failures_total", reason="loading")
+
+        try:
+            await broker.subscribe("g:room")
+            first = broker._link
+            before, resent = loading(), metric("relay_broker_resent_total")
+            proxy.loading, proxy.refusals = b"while loading", 1
+            with capture_logs() as logs:
+                sent = Envelope("g:room", "sent while loading", time.time())
+                assert await broker.publish(sent) == 1
+            assert proxy.refusals == 0  # the first try was answered -LOADING, never reached Redis
+            assert broker._link not in (None, first)
+            assert first is not None and first.broken.result() == "loading"
+            assert loading() == before + 1
+            assert metric("relay_broker_resent_total") == resent + 1
+            [lost] = [e for e in logs if e["event"] == "broker.link_lost"]
+            assert lost["reason"] == "loading"
+            marker = Envelope("g:room", "marker", time.time())
+            assert await broker.publish(marker) == 1
+            await eventually(lambda: marker in a.envelopes)
+            frames = [e.frame for e in a.envelopes if e is not RESYNC]
+            assert frames == ["sent while loading", "marker"]
+
+            second = broker._link
+            proxy.loading, proxy.refusals = b"loading twice", 2
+            with pytest.raises(
+                BrokerUnavailable, match="Redis refused the command: LOADING Redis is loading"
+            ):
+                await broker.publish(Envelope("g:room", "loading twice", time.time()))
+            assert proxy.refusals == 0
+            assert loading() == before + 2  # the second link ended too: the third carries on
+            # The third link ended with the refusal, before the supervisor could replace it: the
+            # next publish waits for the fourth, as for any link that is down, and is carried.
+            assert broker._link is not None and broker._link.failed
+            assert await broker.publish(Envelope("g:room", "after", time.time())) == 1
+            assert broker._link not in (None, second) and not broker._link.failed
+        finally:
+            await a.stop()

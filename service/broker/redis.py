@@ -498,7 +498,11 @@ class RedisBroker:
         """The link, waiting up to `redis_timeout` for one while it is (re)connecting: a blip
         (a killed connection, a failover) costs the caller a short wait, not a refusal."""
         link = self._link
-        if link is None and not self._closed:
+        if link is not None and link.failed and not self._closed:
+            # Ended, and the supervisor has not yet replaced it: wait for the next link as for one
+            # that is down, rather than send the command down a closed connection and lose it.
+            link = await self._next_link(link)
+        elif link is None and not self._closed:
             self._start()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._up.wait(), self._timeout)
