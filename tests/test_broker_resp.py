@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -353,3 +355,40 @@ async def test_closing_it_ourselves_fails_what_is_in_flight_without_reporting_it
     conn.connection_lost(None)
     assert recorder.lost == []
     await asyncio.wait_for(conn.wait_closed(), 1)
+
+
+RSS_AFTER_A_LARGE_REPLY = """
+import asyncio, ctypes, sys
+from service.broker.resp import Address, ConnectOptions, RespConnection
+
+def rss_kib() -> int:  # memory still in use: glibc first gives back what was freed
+    ctypes.CDLL(None).malloc_trim(0)
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 // 1024
+
+async def main(port: int) -> None:
+    conn = await RespConnection.open(Address("127.0.0.1", port), ConnectOptions(timeout=5.0))
+    key = sys.argv[2]
+    await conn.call(b"SET", key, b"x" * (20 * 1024 * 1024), timeout=10)
+    before = rss_kib()
+    value = await conn.call(b"GET", key, timeout=10)
+    assert len(value) == 20 * 1024 * 1024
+    del value
+    await conn.call(b"DEL", key, timeout=10)
+    print(rss_kib() - before)
+    conn.close()
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+def test_a_large_reply_leaves_no_large_buffer_behind(redis_server: RedisServer) -> None:
+    """A 20 MiB reply (a big history read, say) grows the connection's read buffer; once it is read
+    the buffer is given back, not kept for the life of the connection (about 40 MiB were, with
+    hiredis's maxbuf set to 512 MiB). Measured in a process of its own, by its resident memory once
+    glibc has given back what was freed."""
+    key = "resp-large-" + secrets.token_hex(4)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_AFTER_A_LARGE_REPLY, str(redis_server.port), key],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert int(out.stdout) < 8 * 1024, f"{out.stdout.strip()} KiB still held after the reply"

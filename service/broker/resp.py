@@ -26,7 +26,6 @@ import hiredis
 PUSH_KINDS = frozenset(
     (b"message", b"smessage", b"subscribe", b"ssubscribe", b"unsubscribe", b"sunsubscribe")
 )
-READ_LIMIT = 512 * 1024 * 1024  # hiredis buffer cap; Redis's own bulk limit is 512 MiB
 
 
 class ConnectionLost(ConnectionError):
@@ -73,8 +72,9 @@ class RespConnection(asyncio.Protocol):
     ) -> None:
         self._on_push = on_push
         self._on_lost = on_lost
+        # hiredis's default `maxbuf` (16 KiB): the read buffer a large reply grew is freed once it
+        # is read. (maxbuf caps no reply; set to 512 MiB it kept such a buffer for the connection's life.)
         self._reader = hiredis.Reader(replyError=ReplyError)
-        self._reader.setmaxbuf(READ_LIMIT)
         self._pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._out: list[bytes] = []
         self._transport: asyncio.Transport | None = None
