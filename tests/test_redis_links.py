@@ -72,6 +72,33 @@ async def test_an_unexpected_error_while_connecting_is_logged_counted_and_retrie
         await a.stop()
 
 
+async def test_a_bug_in_the_links_watch_ends_the_link_which_is_opened_again(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The watch probes the link and ends it when Redis stops answering. If it raised (a bug, a
+    reply nobody foresaw), the link must not live on unwatched: it is ended, logged and counted as
+    `error`, and the supervisor opens another that carries messages."""
+    broker = redis_broker(redis_server.url, redis_prefix)
+    assert isinstance(broker, RedisBroker)
+    a = Collector(broker)
+    try:
+        await a.broker.subscribe("g:x")
+        first = broker._link
+        assert first is not None
+        node = next(iter(first.nodes.values()))
+        errors = metric("relay_redis_link_failures_total", reason="error")
+        with capture_logs() as logs:
+            node.probe = ("not a probe",)  # type: ignore[assignment]  # what a bug could leave there
+            await eventually(lambda: broker._link not in (None, first))
+        assert metric("relay_redis_link_failures_total", reason="error") == errors + 1
+        [line] = [e for e in logs if e["event"] == "broker.watch_error"]
+        assert line["log_level"] == "error" and "exc_info" in line
+        assert await a.broker.publish(Envelope("g:x", "after", time.time())) == 1
+        await eventually(lambda: any(e.frame == "after" for e in a.envelopes))
+    finally:
+        await a.stop()
+
+
 async def test_liveness_fails_when_the_task_carrying_messages_stops(redis_server: RedisServer) -> None:
     """/healthz answers for the event loop and for the tasks that carry messages: a pod whose Redis
     supervisor or delivery loop is gone must be restarted, not left looking healthy."""

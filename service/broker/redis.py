@@ -673,7 +673,16 @@ class RedisBroker:
             pass  # the probe and the publish timeouts judge an unanswering link
 
     async def _watch(self, link: _Link) -> None:
-        """Probe idle links and end a link whose probe or publishes go unanswered too long."""
+        """Probe idle links and end a link whose probe or publishes go unanswered too long. A bug
+        here ends the link (logged, counted as `error`) for the supervisor to open another, rather
+        than leave it unwatched: a Redis that stopped answering would then go unnoticed."""
+        try:
+            await self._watch_nodes(link)
+        except Exception:
+            log.exception("broker.watch_error")
+            link.fail("error")  # the supervisor counts it and opens the next link
+
+    async def _watch_nodes(self, link: _Link) -> None:
         tick = max(0.01, min(self._probe_interval, self._timeout) / 4)
         while not link.failed:
             await asyncio.sleep(tick)
