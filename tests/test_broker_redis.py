@@ -951,6 +951,10 @@ async def test_a_primary_that_cannot_be_reached_is_refused_counted_and_tried_aga
         late = start_redis(tmp_path / "late", port=port)
         assert await broker.publish(env("now it listens", "g:elsewhere")) == 0
         assert broker._link is first and first is not None and not first.failed
+        node = first.nodes[Address("127.0.0.1", port)]
+        await eventually(lambda: node.probe is not None)  # the watch probes the new primary
+        await eventually(lambda: node.probe is None)  # which answers: the link lives on
+        assert broker._link is first and not first.failed
     finally:
         await broker.close()
         if late is not None:
