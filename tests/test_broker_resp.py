@@ -350,6 +350,9 @@ async def test_closing_it_ourselves_fails_what_is_in_flight_without_reporting_it
         pending.result()
     assert str(lost.value) == "connection closed"
     conn.write(b"PING")  # after close: dropped, never written
+    with pytest.raises(ConnectionLost) as refused:
+        conn.send(b"PING").result()  # and a command is refused at once, saying why
+    assert str(refused.value) == "connection closed"
     await asyncio.sleep(0)
     assert transport.written == []
     conn.connection_lost(None)
