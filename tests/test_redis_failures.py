@@ -13,6 +13,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from service.broker import BrokerUnavailable, Envelope
+from service.broker.redis import RedisBroker
+from service.broker.resp import Address, ConnectOptions
+from service.broker.topology import SingleTopology
 from tests.brokers import Collector, delivered_again, eventually, redis_broker
 from tests.helpers import metric
 from tests.redis_servers import RedisServer
@@ -137,3 +140,51 @@ async def test_a_broker_started_while_redis_is_down_connects_when_it_appears(
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_subscribe_on_a_broker_closed_before_it_ever_connected_is_refused_at_once(
+    redis_prefix: str,
+) -> None:
+    """A broker closed before anything started it opens no link, and a subscribe after that is
+    refused at once: not held for redis_timeout (5 s here) waiting on a link that never comes."""
+    broker = redis_broker("redis://127.0.0.1:1", redis_prefix, "a", redis_timeout=5.0)
+    await broker.close()
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        await broker.subscribe("g:room")
+    assert time.monotonic() - started < 2.5
+    assert not broker.ready
+
+
+async def test_a_redis_that_holds_the_announced_rules_unanswered_is_given_up_after_redis_timeout(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """Each link writes the group rules under the prefix while it is opened. A Redis that holds
+    that SET unanswered (here CLIENT PAUSE WRITE) costs each attempt redis_timeout, counted and
+    logged, not a link opening for ever; once Redis answers, the link comes up and the rules are
+    there."""
+    rules = b'{"group":[]}'
+    broker = RedisBroker(
+        SingleTopology(Address("127.0.0.1", dedicated_redis.port)),
+        ConnectOptions(timeout=0.5),
+        pod_id="a",
+        prefix=redis_prefix,
+        probe_interval=30.0,
+        backoff_max=0.3,
+        announce={b"rules": rules},
+        history=False,  # no FUNCTION LOAD: the SET of the rules is the first write held
+    )
+    dedicated_redis.call("CLIENT", "PAUSE", 60_000, "WRITE")
+    try:
+        with capture_logs() as logs:
+            with pytest.raises(BrokerUnavailable):
+                await broker.subscribe("g:room")
+            await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs), 10)
+        [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+        assert line["error"] == "TimeoutError"
+        dedicated_redis.call("CLIENT", "UNPAUSE")
+        await eventually(lambda: broker.ready, 10)
+        assert dedicated_redis.call("GET", f"{redis_prefix}:rules") == rules.decode()
+    finally:
+        dedicated_redis.call("CLIENT", "UNPAUSE")
+        await broker.close()
