@@ -19,8 +19,17 @@ from service.broker.topology import SingleTopology
 from tests.brokers import Collector, delivered_again, eventually, redis_broker
 from tests.helpers import metric
 from tests.redis_servers import RedisServer
+from tests.test_redis_links import ScriptedProxy
 
 pytestmark = pytest.mark.integration
+
+
+class RoleCheckedTopology(SingleTopology):
+    """One server whose ROLE is asked before a link is let up, as SentinelTopology does (without
+    a Sentinel, so a test can point it at a replica or through a proxy)."""
+
+    checks_role = True
+
 
 RECOVERY = 5.0  # seconds a recovery may take with the test timings
 
@@ -188,3 +197,65 @@ async def test_a_redis_that_holds_the_announced_rules_unanswered_is_given_up_aft
     finally:
         dedicated_redis.call("CLIENT", "UNPAUSE")
         await broker.close()
+
+
+def _role_checked_broker(port: int, prefix: str) -> RedisBroker:
+    return RedisBroker(
+        RoleCheckedTopology(Address("127.0.0.1", port)),
+        ConnectOptions(timeout=0.5),
+        pod_id="a",
+        prefix=prefix,
+        probe_interval=30.0,
+        backoff_max=0.3,
+        history=False,  # FUNCTION LOAD is a write, which a replica refuses
+    )
+
+
+async def test_a_server_that_is_not_a_master_yet_is_refused_saying_so_and_tried_again(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """Where ROLE is checked (Sentinel), a server that answers it as a replica (one whose
+    promotion has not happened yet) is no link: each attempt fails, counted under
+    reason="connect_failed" and logged naming the server, not taken for a bug; once the server is
+    a master, the link comes up."""
+    dedicated_redis.call("REPLICAOF", "127.0.0.1", 1)  # nothing listens there: it stays a replica
+    broker = _role_checked_broker(dedicated_redis.port, redis_prefix)
+    failed = metric("relay_redis_link_failures_total", reason="connect_failed")
+    try:
+        with capture_logs() as logs:
+            with pytest.raises(BrokerUnavailable):
+                await broker.subscribe("g:room")
+            await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs), 10)
+            dedicated_redis.call("REPLICAOF", "NO", "ONE")
+            await eventually(lambda: broker.ready, 10)
+        [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+        assert line["error"] == f"127.0.0.1:{dedicated_redis.port} is not a master yet"
+        assert not [e for e in logs if e["event"] == "broker.supervisor_error"]
+        assert metric("relay_redis_link_failures_total", reason="connect_failed") > failed
+    finally:
+        dedicated_redis.call("REPLICAOF", "NO", "ONE")
+        await broker.close()
+
+
+async def test_a_role_check_left_unanswered_is_given_up_after_redis_timeout(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """ROLE's reply never comes (the proxy drops every reply that says "master"): the attempt is
+    given up after redis_timeout, counted and logged, not left opening for ever; once the replies
+    come through, the link comes up."""
+    proxy = ScriptedProxy(redis_server.port)
+    async with proxy:
+        proxy.hiding = b"master"
+        broker = _role_checked_broker(proxy.port, redis_prefix)
+        try:
+            with capture_logs() as logs:
+                with pytest.raises(BrokerUnavailable):
+                    await broker.subscribe("g:room")
+                await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs), 10)
+            assert proxy.hidden >= 1
+            [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+            assert line["error"] == "TimeoutError"
+            proxy.hiding = None
+            await eventually(lambda: broker.ready, 10)
+        finally:
+            await broker.close()
