@@ -6,8 +6,10 @@ timings (tests/brokers.py FAST_REDIS), so every recovery must happen within a fe
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -258,4 +260,61 @@ async def test_a_role_check_left_unanswered_is_given_up_after_redis_timeout(
             proxy.hiding = None
             await eventually(lambda: broker.ready, 10)
         finally:
+            await broker.close()
+
+
+async def test_a_group_joined_while_a_new_link_is_probed_and_never_confirmed_fails_that_attempt(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A new link has subscribed every wanted group and waits for its probe to come back; a group
+    joined just then is subscribed before the link is let up, and when Redis never confirms it the
+    attempt fails with that reason (logged, counted), not let up without it; once Redis confirms,
+    the link comes up carrying it."""
+    proxy = ScriptedProxy(redis_server.port)
+    async with proxy:
+        broker = RedisBroker(
+            SingleTopology(Address("127.0.0.1", proxy.port)),
+            ConnectOptions(timeout=3.0),
+            pod_id="a",
+            prefix=redis_prefix,
+            probe_interval=30.0,
+            backoff_max=0.3,
+            history=False,
+        )
+        real_probe = broker._probe
+        holding, probing, go_on = False, asyncio.Event(), asyncio.Event()
+
+        async def probe(node: Any) -> None:
+            if holding:  # the probe of the link opened after the cut: held until the join began
+                probing.set()
+                await go_on.wait()
+            await real_probe(node)
+
+        broker._probe = probe  # type: ignore[method-assign]
+        joined = f"{redis_prefix}:g:new".encode()
+        failed = metric("relay_redis_link_failures_total", reason="connect_failed")
+        try:
+            await broker.subscribe("g:kept")
+            first = broker._link
+            holding = True
+            with capture_logs() as logs:
+                assert await proxy.cut(after=0.0) == 2
+                await asyncio.wait_for(probing.wait(), 10)
+                proxy.hiding = joined
+                join = asyncio.get_running_loop().create_task(broker.subscribe("g:new"))
+                await eventually(lambda: joined in broker._wanted)
+                go_on.set()
+                await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs), 10)
+                assert broker._link is None
+                with pytest.raises(BrokerUnavailable):
+                    await join
+                proxy.hiding = None
+                await eventually(lambda: broker._link not in (None, first), 10)
+            assert proxy.hidden >= 1
+            [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+            assert line["error"] == "Redis did not confirm the subscriptions in time"
+            assert metric("relay_redis_link_failures_total", reason="connect_failed") > failed
+            assert redis_server.call("PUBSUB", "NUMSUB", joined.decode())[1] == 1
+        finally:
+            go_on.set()
             await broker.close()
