@@ -23,6 +23,7 @@ from service.broker import (
     PresenceTerms,
     Retention,
 )
+from service.broker import redis as redis_broker_module
 from service.broker.redis import RedisBroker
 from service.broker.resp import Address, ConnectOptions
 from service.broker.topology import SingleTopology
@@ -350,6 +351,41 @@ async def test_subscription_changes_redis_does_not_confirm_end_the_link(
             assert channels == {f"{redis_prefix}:g:kept", f"{redis_prefix}:g:unconfirmed"}
         finally:
             await broker.close()
+
+
+async def test_subscribe_window_batches_go_out_before_one_is_awaited_and_one_unconfirmed_refuses_the_call(
+    dedicated_redis: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two channels per SUBSCRIBE and three SUBSCRIBEs in flight (monkeypatched), ten channels: the
+    first three batches leave before any confirmation is awaited, then relay waits for the oldest.
+    Redis takes them but its confirmations stop (the pub/sub connection's replies are dropped), so
+    the call is refused, not reported done, and the link is rebuilt subscribed to all ten."""
+    monkeypatch.setattr(redis_broker_module, "SUBSCRIBE_BATCH", 2)
+    monkeypatch.setattr(redis_broker_module, "SUBSCRIBE_WINDOW", 3)
+    channels = [f"g:window{n}" for n in range(10)]
+
+    def subscribes() -> int:  # only this test's broker uses this server
+        return int(dedicated_redis.info("commandstats").get("cmdstat_subscribe", {}).get("calls", 0))
+
+    async with RedisProxy(dedicated_redis.port) as proxy:
+        slow_probes = {"redis_probe_interval": 30.0, "redis_timeout": 2.0, "redis_backoff_max": 0.3}
+        broker = redis_broker(proxy.url, redis_prefix, "a", **slow_probes)
+        assert isinstance(broker, RedisBroker)
+        a = Collector(broker)  # reading messages() opens the link
+        try:
+            await eventually(lambda: broker.ready)
+            first = broker._link
+            before = subscribes()
+            proxy.mute(-1)  # the newest connection: this link's pub/sub one
+            with pytest.raises(BrokerUnavailable):
+                await broker.subscribe(*channels)
+            # (The test's Redis calls block the event loop: the next link has sent nothing yet.)
+            assert subscribes() == before + 3
+            await eventually(lambda: broker._link not in (None, first))
+            names = [f"{redis_prefix}:{c}" for c in channels]
+            await eventually(lambda: dedicated_redis.call("PUBSUB", "NUMSUB", *names)[1::2] == [1] * 10)
+        finally:
+            await a.stop()
 
 
 async def test_a_subscription_whose_link_ends_before_redis_confirms_is_refused_at_once(
