@@ -812,6 +812,38 @@ async def test_between_attempts_a_subscribe_is_refused_at_once(
         await broker.close()
 
 
+async def test_while_a_lost_link_is_opened_again_a_subscribe_waits_for_it(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """The other half of the test above: after the link is lost, while the next one is being opened
+    (held here at the start, until the subscribe has begun), a subscribe waits for it and succeeds."""
+    broker = redis_broker(dedicated_redis.url, redis_prefix, "a", redis_timeout=5.0)
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    topology = broker._topology
+    real = topology.discover
+    reopening, go_on = asyncio.Event(), asyncio.Event()
+
+    async def discover(options: Any) -> Any:
+        reopening.set()
+        await go_on.wait()
+        return await real(options)
+
+    try:
+        await broker.subscribe("g:room")
+        first = broker._link
+        topology.discover = discover  # type: ignore[method-assign]
+        dedicated_redis.call("CLIENT", "KILL", "TYPE", "pubsub")
+        await asyncio.wait_for(reopening.wait(), 5)
+        assert broker._link is None
+        asyncio.get_running_loop().call_soon(go_on.set)  # once the subscribe below waits
+        await broker.subscribe("g:other")
+        assert broker._link not in (None, first)
+        assert dedicated_redis.call("PUBSUB", "NUMSUB", f"{redis_prefix}:g:other")[1] == 1
+    finally:
+        go_on.set()
+        await broker.close()
+
+
 @pytest.mark.xdist_group("redis-cluster")
 async def test_a_subscribe_waiting_on_a_refresh_the_link_ends_under_is_refused_not_cancelled(
     redis_cluster: RedisCluster, redis_prefix: str
