@@ -353,6 +353,41 @@ async def test_subscription_changes_redis_does_not_confirm_end_the_link(
             await broker.close()
 
 
+async def test_an_idle_link_is_probed_once_per_probe_interval_and_a_slow_answer_in_time_keeps_it(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Probe interval 1 s, redis_timeout 2 s (a watch tick of 0.25 s), and every reply held 0.5 s
+    (a slow network): the idle link is probed only after a probe interval of silence, and a probe
+    answered after more than a tick, but within redis_timeout, does not end the link."""
+    async with RedisProxy(redis_server.port) as proxy:
+        timings = {"redis_probe_interval": 1.0, "redis_timeout": 2.0, "redis_backoff_max": 0.3}
+        broker = redis_broker(proxy.url, redis_prefix, "a", **timings)
+        assert isinstance(broker, RedisBroker)
+        sent: list[float] = []
+        real = broker._send_probe
+
+        def send_probe(node: Any) -> str:
+            sent.append(time.monotonic())
+            return real(node)
+
+        broker._send_probe = send_probe  # type: ignore[method-assign]
+        a = Collector(broker)
+        try:
+            await broker.subscribe("g:room")
+            first = broker._link
+            timeouts = metric("relay_redis_link_failures_total", reason="probe_timeout")
+            proxy.delay(0.5)
+            begun = len(sent)
+            await eventually(lambda: len(sent) >= begun + 3, 15)
+            gaps = [later - earlier for earlier, later in zip(sent[begun:], sent[begun + 1 :], strict=False)]
+            assert all(gap >= 1.0 for gap in gaps), gaps
+            assert broker._link is first and not first.failed
+            assert metric("relay_redis_link_failures_total", reason="probe_timeout") == timeouts
+        finally:
+            proxy.delay(0)
+            await a.stop()
+
+
 async def test_subscribe_window_batches_go_out_before_one_is_awaited_and_one_unconfirmed_refuses_the_call(
     dedicated_redis: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
