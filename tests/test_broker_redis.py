@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -631,6 +632,32 @@ async def test_only_a_cluster_link_refreshes_a_slot_map(redis_server: RedisServe
         assert link is not None
         broker._refresh_soon(link)
         assert link.refreshing is None
+    finally:
+        await broker.close()
+
+
+async def test_a_sentinel_link_asks_about_its_master_no_more_often_than_every_probe_interval(
+    sentinel_set: SentinelSet, redis_prefix: str
+) -> None:
+    """Each master check opens a connection to a Sentinel: probe interval 1 s (a watch tick of
+    0.25 s), and the checks come a probe interval apart, not on every tick."""
+    timings = {"redis_probe_interval": 1.0, "redis_timeout": 2.0}
+    broker = redis_broker(sentinel_set.url, redis_prefix, "a", **timings)
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    topology = broker._topology
+    real = topology.confirm
+    asked: list[float] = []
+
+    async def confirm(address: Any, options: Any) -> bool:
+        asked.append(time.monotonic())
+        return await real(address, options)
+
+    topology.confirm = confirm  # type: ignore[method-assign]
+    try:
+        await broker.subscribe("g:room")
+        await eventually(lambda: len(asked) >= 3, 15)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(asked)]
+        assert all(gap >= 0.9 for gap in gaps), gaps  # 1 s, less how much faster ROLE came back
     finally:
         await broker.close()
 

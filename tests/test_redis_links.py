@@ -5,6 +5,7 @@ in front of one)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from pathlib import Path
@@ -379,9 +380,9 @@ async def test_an_idle_link_is_probed_once_per_probe_interval_and_a_slow_answer_
             proxy.delay(0.5)
             begun = len(sent)
             await eventually(lambda: len(sent) >= begun + 3, 15)
-            gaps = [later - earlier for earlier, later in zip(sent[begun:], sent[begun + 1 :], strict=False)]
+            gaps = [later - earlier for earlier, later in itertools.pairwise(sent[begun:])]
             assert all(gap >= 1.0 for gap in gaps), gaps
-            assert broker._link is first and not first.failed
+            assert first is not None and broker._link is first and not first.failed
             assert metric("relay_redis_link_failures_total", reason="probe_timeout") == timeouts
         finally:
             proxy.delay(0)
