@@ -662,6 +662,27 @@ async def test_a_sentinel_link_asks_about_its_master_no_more_often_than_every_pr
         await broker.close()
 
 
+async def test_a_message_already_on_its_way_when_its_group_is_left_is_dropped_and_the_link_goes_on(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Redis has sent a message to the pod (the test's blocking call holds the event loop until
+    it has) when the hub unsubscribes its channel: it arrives for a channel nobody wants, is
+    dropped, and the link carries on. Probes are 30 s apart, so none is outstanding."""
+    broker = redis_broker(redis_server.url, redis_prefix, "a", redis_probe_interval=30.0)
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    a = Collector(broker)
+    try:
+        await broker.subscribe("g:left", "g:kept")
+        first = broker._link
+        assert redis_server.call("PUBLISH", f"{redis_prefix}:g:left", "1 0.0 \nin flight") == 1
+        await broker.unsubscribe("g:left")
+        assert await broker.publish(env("after", "g:kept")) == 1
+        assert [e.frame for e in await a.wait_for(1)] == ["after"]
+        assert broker._link is first and first is not None and not first.failed
+    finally:
+        await a.stop()
+
+
 def _cluster_broker(redis_cluster: RedisCluster, prefix: str, pod_id: str, **overrides: Any) -> Any:
     broker = redis_broker(redis_cluster.url, prefix, pod_id, **overrides)
     assert isinstance(broker, redis_broker_module.RedisBroker)
