@@ -67,9 +67,43 @@ async def test_an_unexpected_error_while_connecting_is_logged_counted_and_retrie
         assert metric("relay_redis_link_failures_total", reason="error") == errors + 1
         [line] = [e for e in logs if e["event"] == "broker.supervisor_error"]
         assert line["log_level"] == "error" and "exc_info" in line
+        assert line["retry_in"] == redis_broker_module.BACKOFF_MIN
         await a.broker.subscribe("g:x")
         assert await a.broker.publish(Envelope("g:x", "hello", time.time())) == 1
         assert (await a.wait_for(1))[0].frame == "hello"
+    finally:
+        await a.stop()
+
+
+async def test_unexpected_errors_while_reconnecting_count_as_failed_attempts(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """After an outage, two attempts end in errors nobody foresaw: the line that says what the
+    outage cost counts them as two failed attempts."""
+    broker = redis_broker(dedicated_redis.url, redis_prefix)
+    assert isinstance(broker, RedisBroker)
+    topology = broker._topology
+    real = topology.discover
+    surprises = 0
+
+    async def surprising(options: Any) -> Any:
+        nonlocal surprises
+        if surprises < 2:
+            surprises += 1
+            raise AttributeError("'NoneType' object has no attribute 'decode'")
+        return await real(options)
+
+    a = Collector(broker)
+    try:
+        await broker.subscribe("g:room")
+        first = broker._link
+        topology.discover = surprising  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            dedicated_redis.call("CLIENT", "KILL", "TYPE", "pubsub")
+            await eventually(lambda: broker._link not in (None, first))
+        [back] = [e for e in logs if e["event"] == "broker.reconnected"]
+        assert back["failed_attempts"] == 2
+        assert len([e for e in logs if e["event"] == "broker.supervisor_error"]) == 2
     finally:
         await a.stop()
 
