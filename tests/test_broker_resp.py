@@ -347,6 +347,9 @@ async def test_closing_it_ourselves_fails_what_is_in_flight_without_reporting_it
     with pytest.raises(ConnectionLost) as lost:
         pending.result()
     assert str(lost.value) == "connection closed"
+    with pytest.raises(ConnectionLost) as refused:  # after close: refused at once, saying why
+        conn.send(b"PING").result()
+    assert str(refused.value) == "connection closed"
     conn.write(b"PING")  # after close: dropped, never written
     await asyncio.sleep(0)
     assert transport.written == []
