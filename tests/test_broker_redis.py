@@ -690,6 +690,31 @@ def _cluster_broker(redis_cluster: RedisCluster, prefix: str, pod_id: str, **ove
 
 
 @pytest.mark.xdist_group("redis-cluster")
+async def test_a_cluster_unsubscribe_is_confirmed_on_the_same_link_without_a_slot_map_refresh(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """SUNSUBSCRIBE, confirmed: the channel is gone from its shard, the link is kept, and only an
+    unasked sunsubscribe (a slot moved away) would make relay read the slot map again."""
+    broker = _cluster_broker(redis_cluster, redis_prefix, "u" + secrets.token_hex(3))
+    name = f"{redis_prefix}:g:go"
+    shard = redis_cluster.node_for_slot(key_slot(name.encode()))
+    try:
+        await broker.subscribe("g:stay", "g:go")
+        first = broker._link
+        assert shard.call("PUBSUB", "SHARDNUMSUB", name)[1] == 1
+        refreshes = metric("relay_redis_slot_map_refreshes_total")
+        await broker.unsubscribe("g:go")
+        if first.refreshing is not None:  # had one begun, it would count once done
+            await asyncio.wait([first.refreshing])
+        assert metric("relay_redis_slot_map_refreshes_total") == refreshes
+        assert broker._link is first and not first.failed
+        assert shard.call("PUBSUB", "SHARDNUMSUB", name)[1] == 0
+        assert await broker.publish(env("kept", "g:stay")) == 1
+    finally:
+        await broker.close()
+
+
+@pytest.mark.xdist_group("redis-cluster")
 async def test_a_slot_map_refresh_has_twice_redis_timeout(
     redis_cluster: RedisCluster, redis_prefix: str
 ) -> None:
