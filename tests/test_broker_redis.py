@@ -394,13 +394,21 @@ async def test_a_subscription_sent_to_a_slots_old_owner_follows_its_moved_answer
 ) -> None:
     """The pod's slot map is stale: its SSUBSCRIBE goes to the node that owned the slot, which
     answers MOVED on the pub/sub connection. The pod learns the slot's owner, refreshes its map and
-    subscribes there within the same call; its link is not rebuilt. Another pod's SPUBLISH, also
+    subscribes there within the same call; its link is not rebuilt, and a channel the old owner
+    still carries, subscribed in the same call (confirmed right after the MOVED), is kept there.
+    Another pod's SPUBLISH, also
     answered MOVED, is sent again to the new owner, which its map now names. With nodes that
     announce no endpoint, MOVED names only a port: the host is the one that answered."""
     channel = "g:late"
     slot = key_slot(f"{redis_prefix}:{channel}".encode())
     source = redis_cluster.node_for_slot(slot)
     target = next(p for p in redis_cluster.primaries() if p is not source)
+    beside = next(
+        name
+        for name in (f"g:beside{n}" for n in range(10_000))
+        if (s := key_slot(f"{redis_prefix}:{name}".encode())) != slot
+        and redis_cluster.node_for_slot(s) is source
+    )
     broker = redis_broker(redis_cluster.url, redis_prefix, "b")
     publisher = redis_broker(redis_cluster.url, redis_prefix, "a")
     assert isinstance(broker, redis_broker_module.RedisBroker)
@@ -415,7 +423,8 @@ async def test_a_subscription_sent_to_a_slots_old_owner_follows_its_moved_answer
         refreshes = metric("relay_redis_slot_map_refreshes_total")
         redis_cluster.move_slot(slot, target)
         with capture_logs() as logs:
-            await broker.subscribe(channel)
+            await broker.subscribe(channel, beside)
+        assert source.call("PUBSUB", "SHARDNUMSUB", f"{redis_prefix}:{beside}")[1] == 1
         [line, *_] = [e for e in logs if e["event"] == "broker.slot_map_refreshed"]
         assert line["log_level"] == "info"
         assert sorted(line["nodes"]) == sorted(p.address for p in redis_cluster.primaries())
