@@ -1043,6 +1043,35 @@ def _route_elsewhere(broker: Any, channel: str, address: Address) -> None:
     topology.route = lambda c: address if c == name else real(c)
 
 
+async def test_a_primary_opened_while_the_link_lives_is_probed_like_the_first(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A new primary (here a proxy in front of the same Redis) joins the link for a publish: the
+    watch probes it when it is idle, as it does the primaries the link was opened with."""
+    async with RedisProxy(redis_server.port) as proxy:
+        broker = redis_broker(redis_server.url, redis_prefix, "a")
+        assert isinstance(broker, redis_broker_module.RedisBroker)
+        elsewhere = Address("127.0.0.1", proxy.port)
+        _route_elsewhere(broker, "g:new", elsewhere)
+        probed: list[Address] = []
+        real = broker._send_probe
+
+        def send_probe(node: Any) -> str:
+            probed.append(node.address)
+            return real(node)
+
+        broker._send_probe = send_probe  # type: ignore[method-assign]
+        try:
+            await broker.publish(env("here"))
+            first = broker._link
+            assert await broker.publish(env("there", "g:new")) == 0
+            probed.clear()
+            await eventually(lambda: probed.count(elsewhere) >= 2)
+            assert first is not None and broker._link is first and not first.failed
+        finally:
+            await broker.close()
+
+
 async def test_a_primary_that_cannot_be_reached_is_refused_counted_and_tried_again_next_time(
     redis_server: RedisServer, redis_prefix: str, tmp_path: Path
 ) -> None:
