@@ -1072,6 +1072,43 @@ async def test_a_primary_opened_while_the_link_lives_is_probed_like_the_first(
             await broker.close()
 
 
+async def test_a_connection_lost_while_its_primary_is_being_opened_fails_the_attempt_and_leaves_nothing_open(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The command connection is cut while the pub/sub one is still being opened (a proxy holds
+    Redis's replies 0.4 s): the attempt fails, saying so, and is made again; the pub/sub connection
+    of the failed attempt is closed (it was left open to Redis for good), and nothing is reported
+    to asyncio's exception handler."""
+    pod_id = "cut" + secrets.token_hex(3)
+
+    def ours() -> int:
+        return sum(
+            f" name=relay:{pod_id} " in f" {c} " for c in redis_server.call("CLIENT", "LIST").splitlines()
+        )
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    async with RedisProxy(redis_server.port) as proxy:
+        proxy.delay(0.4)
+        broker = redis_broker(proxy.url, redis_prefix, pod_id, redis_timeout=3.0)
+        a = Collector(broker)
+        try:
+            with capture_logs() as logs:
+                await eventually(lambda: len(proxy._connections) >= 2)  # the pub/sub one is opening
+                for writer in proxy._connections[0]:  # the command connection, both ways
+                    writer.close()
+                proxy.delay(0)
+                await eventually(lambda: broker.ready, 10)
+            [line, *_] = [e for e in logs if e["event"] == "broker.connect_failed"]
+            assert line["error"] == "connection closed"
+            await eventually(lambda: ours() == 2)  # the link's two connections, nothing else
+            assert errors == []
+        finally:
+            await a.stop()
+            loop.set_exception_handler(None)
+
+
 async def test_a_primary_that_cannot_be_reached_is_refused_counted_and_tried_again_next_time(
     redis_server: RedisServer, redis_prefix: str, tmp_path: Path
 ) -> None:
