@@ -108,6 +108,33 @@ async def test_unexpected_errors_while_reconnecting_count_as_failed_attempts(
         await a.stop()
 
 
+async def test_an_unexpected_error_once_the_link_is_up_ends_it_counted_as_an_error_and_it_is_reopened(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The supervisor fails after the link went up (here: a surprise right after `_went_up`): that
+    link is ended and counted (reason error), and the next one comes up."""
+    broker = redis_broker(redis_server.url, redis_prefix)
+    assert isinstance(broker, RedisBroker)
+    real = broker._went_up
+    links: list[Any] = []
+
+    def went_up(link: Any, failures: int) -> None:
+        real(link, failures)
+        links.append(link)
+        if len(links) == 1:
+            raise AttributeError("'NoneType' object has no attribute 'decode'")
+
+    broker._went_up = went_up  # type: ignore[method-assign]
+    errors = metric("relay_redis_link_failures_total", reason="error")
+    a = Collector(broker)
+    try:
+        await eventually(lambda: len(links) == 2 and broker.ready)
+        assert links[0].failed and broker._link is links[1] and broker.alive
+        assert metric("relay_redis_link_failures_total", reason="error") == errors + 1
+    finally:
+        await a.stop()
+
+
 async def test_liveness_fails_when_the_task_carrying_messages_stops(redis_server: RedisServer) -> None:
     """/healthz answers for the event loop and for the tasks that carry messages: a pod whose Redis
     supervisor or delivery loop is gone must be restarted, not left looking healthy."""
