@@ -894,6 +894,18 @@ async def test_between_attempts_a_subscribe_is_refused_at_once(
         await broker.close()
 
 
+async def test_a_broker_closed_before_it_was_used_refuses_a_subscribe_at_once(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Nothing is being opened (nothing ever started the link): no wait for one (redis_timeout 5 s)."""
+    broker = redis_broker(redis_server.url, redis_prefix, "a", redis_timeout=5.0)
+    await broker.close()
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        await broker.subscribe("g:room")
+    assert time.monotonic() - started < 1.0
+
+
 async def test_while_a_lost_link_is_opened_again_a_subscribe_waits_for_it(
     dedicated_redis: RedisServer, redis_prefix: str
 ) -> None:
