@@ -1291,6 +1291,38 @@ async def test_a_redis_that_holds_relays_functions_unanswered_is_given_up_after_
         await broker.close()
 
 
+async def test_a_redis_that_holds_the_announced_rules_unanswered_is_given_up_after_redis_timeout(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """As above, for the group rules each link writes (SET) as it opens: held unanswered (CLIENT
+    PAUSE WRITE; without relay's functions, nothing before it writes), each attempt is given up
+    after redis_timeout and logged, and the link comes up once Redis answers."""
+    dedicated_redis.call("CLIENT", "PAUSE", 60_000, "WRITE")
+    broker = redis_broker_module.RedisBroker(
+        SingleTopology(Address("127.0.0.1", dedicated_redis.port)),
+        ConnectOptions(timeout=0.5),
+        pod_id="a",
+        prefix=redis_prefix,
+        probe_interval=0.2,
+        backoff_max=0.3,
+        announce={b"rules": b"{}"},
+        history=False,
+    )
+    try:
+        with capture_logs() as logs:
+            with pytest.raises(BrokerUnavailable):
+                await broker.subscribe("g:room")
+            await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs), 10)
+        [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+        assert line["error"] == "TimeoutError"
+        dedicated_redis.call("CLIENT", "UNPAUSE")
+        await eventually(lambda: broker.ready, 10)
+        assert dedicated_redis.call("GET", f"{redis_prefix}:rules") == "{}"
+    finally:
+        dedicated_redis.call("CLIENT", "UNPAUSE")
+        await broker.close()
+
+
 async def test_a_group_left_while_the_link_is_being_opened_is_not_left_subscribed(
     dedicated_redis: RedisServer, redis_prefix: str
 ) -> None:
