@@ -645,6 +645,37 @@ async def test_only_a_cluster_link_refreshes_a_slot_map(redis_server: RedisServe
         await broker.close()
 
 
+async def test_a_sentinel_that_names_a_replica_fails_the_attempt_saying_it_is_not_a_master_yet(
+    sentinel_set: SentinelSet, redis_prefix: str
+) -> None:
+    """Sentinel's answer is out of date and names a replica (here, once: discover is patched): ROLE
+    says so, the attempt fails with where and why, and the next one reaches the master."""
+    broker = redis_broker(sentinel_set.url, redis_prefix, "a")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    topology = broker._topology
+    real = topology.discover
+    master = sentinel_set.master_port()
+    replica = Address("127.0.0.1", next(s.port for s in sentinel_set.servers()[:2] if s.port != master))
+    stale = [True]
+
+    async def discover(options: Any) -> Any:
+        if stale:
+            stale.pop()
+            return [replica]
+        return await real(options)
+
+    topology.discover = discover  # type: ignore[method-assign]
+    a = Collector(broker)  # reading messages() opens the link
+    try:
+        with capture_logs() as logs:
+            await eventually(lambda: broker.ready, 10)
+        [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+        assert line["error"] == f"{replica} is not a master yet"
+        assert broker._link is not None and list(broker._link.nodes) == [Address("127.0.0.1", master)]
+    finally:
+        await a.stop()
+
+
 async def test_a_sentinel_link_asks_about_its_master_no_more_often_than_every_probe_interval(
     sentinel_set: SentinelSet, redis_prefix: str
 ) -> None:
