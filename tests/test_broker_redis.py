@@ -29,7 +29,7 @@ from service.broker import (
 )
 from service.broker import redis as redis_broker_module
 from service.broker.resp import Address, ConnectionLost, ConnectOptions
-from service.broker.topology import SingleTopology
+from service.broker.topology import SentinelTopology, SingleTopology
 from tests.brokers import FAST_REDIS, Collector, delivered_again, eventually, redis_broker
 from tests.helpers import free_port, metric
 from tests.redis_proxy import RedisProxy
@@ -674,6 +674,40 @@ async def test_a_sentinel_that_names_a_replica_fails_the_attempt_saying_it_is_no
         assert broker._link is not None and list(broker._link.nodes) == [Address("127.0.0.1", master)]
     finally:
         await a.stop()
+
+
+async def test_a_master_that_holds_role_unanswered_while_the_link_opens_is_given_up_after_redis_timeout(
+    sentinel_set: SentinelSet, redis_prefix: str
+) -> None:
+    """Sentinel names the master (here through a proxy that holds each reply 0.2 s); the link's
+    command connection stops being answered just before ROLE is asked: the attempt is given up
+    after redis_timeout (0.5 s) and logged, not held for ever, and the next one comes up."""
+    async with RedisProxy(sentinel_set.master_port()) as proxy:
+        sentinels = tuple(Address("127.0.0.1", s.port) for s in sentinel_set.sentinels)
+        topology = SentinelTopology(sentinels, sentinel_set.name, None)
+        broker = redis_broker_module.RedisBroker(  # without relay's functions: ROLE comes first
+            topology, ConnectOptions(timeout=0.5), pod_id="a", prefix=redis_prefix, history=False
+        )
+        real = topology.discover
+
+        async def discover(options: Any) -> Any:
+            await real(options)
+            topology._address = Address("127.0.0.1", proxy.port)  # where it routes, too
+            return [topology._address]
+
+        topology.discover = discover  # type: ignore[method-assign]
+        proxy.delay(0.2)
+        a = Collector(broker)  # reading messages() opens the link
+        try:
+            with capture_logs() as logs:
+                await eventually(lambda: len(proxy._connections) >= 2)  # the pub/sub one is opening
+                proxy.mute(0)  # the command connection, whose next command is ROLE
+                await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs), 10)
+                await eventually(lambda: broker.ready, 10)
+            [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+            assert line["error"] == "TimeoutError"
+        finally:
+            await a.stop()
 
 
 async def test_a_sentinel_link_asks_about_its_master_no_more_often_than_every_probe_interval(
