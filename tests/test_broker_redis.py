@@ -1307,6 +1307,36 @@ async def test_a_redis_that_refuses_relays_probe_channel_says_so_in_the_failed_a
         redis_server.call("ACL", "DELUSER", user)
 
 
+async def test_subscriptions_unconfirmed_while_the_link_is_opened_fail_the_attempt_saying_so(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The probe channel is confirmed, then Redis's replies on the pub/sub connection stop (the
+    proxy drops them from the moment the wanted channels are subscribed): the attempt fails after
+    redis_timeout, and its line says Redis did not confirm in time; the next attempt comes up."""
+    async with RedisProxy(redis_server.port) as proxy:
+        broker = redis_broker(proxy.url, redis_prefix, "a")
+        assert isinstance(broker, redis_broker_module.RedisBroker)
+        real = broker._reconcile
+        muted: list[bool] = []
+
+        async def reconcile(link: Any) -> bool:
+            if not muted:
+                muted.append(True)
+                proxy.mute(-1)  # the newest connection: this link's pub/sub one
+            return await real(link)
+
+        broker._reconcile = reconcile  # type: ignore[method-assign]
+        try:
+            with capture_logs() as logs:
+                with pytest.raises(BrokerUnavailable):
+                    await broker.subscribe("g:room")
+                await eventually(lambda: broker.ready, 10)
+            [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+            assert line["error"] == "Redis did not confirm the subscriptions in time"
+        finally:
+            await broker.close()
+
+
 async def test_a_link_that_ends_while_it_is_opened_says_why_in_the_failed_attempt(
     redis_server: RedisServer, redis_prefix: str
 ) -> None:
