@@ -1337,6 +1337,43 @@ async def test_subscriptions_unconfirmed_while_the_link_is_opened_fail_the_attem
             await broker.close()
 
 
+async def test_a_channel_wanted_while_the_opening_probe_is_out_and_left_unconfirmed_fails_the_attempt(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """As above, for the channels wanted while the link's first probe was out (subscribed after
+    it): Redis stops confirming just then, the attempt fails saying so, the next one comes up
+    subscribed to that channel too."""
+    async with RedisProxy(redis_server.port) as proxy:
+        broker = redis_broker(proxy.url, redis_prefix, "a")
+        assert isinstance(broker, redis_broker_module.RedisBroker)
+        real = broker._reconcile
+        calls = 0
+        late: list[asyncio.Task[None]] = []
+
+        async def reconcile(link: Any) -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # the second, after the probe: a hub join has come meanwhile
+                late.append(asyncio.ensure_future(broker.subscribe("g:late")))
+                await asyncio.sleep(0)  # (it is wanted as soon as it runs, and waits for the link)
+                proxy.mute(-1)  # the newest connection: this link's pub/sub one
+            return await real(link)
+
+        broker._reconcile = reconcile  # type: ignore[method-assign]
+        a = Collector(broker)  # reading messages() opens the link
+        try:
+            with capture_logs() as logs:
+                await eventually(lambda: calls >= 2 and broker.ready, 10)
+            [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+            assert line["error"] == "Redis did not confirm the subscriptions in time"
+            with contextlib.suppress(BrokerUnavailable):  # it may have waited for the next link
+                await late[0]
+            name = f"{redis_prefix}:g:late"
+            await eventually(lambda: redis_server.call("PUBSUB", "NUMSUB", name)[1] == 1)
+        finally:
+            await a.stop()
+
+
 async def test_a_link_that_ends_while_it_is_opened_says_why_in_the_failed_attempt(
     redis_server: RedisServer, redis_prefix: str
 ) -> None:
