@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from service.broker import (
 )
 from service.broker import redis as redis_broker_module
 from service.broker.resp import Address, ConnectionLost, ConnectOptions
-from service.broker.topology import SingleTopology
+from service.broker.topology import SentinelTopology, SingleTopology
 from tests.brokers import FAST_REDIS, Collector, delivered_again, eventually, redis_broker
 from tests.helpers import free_port, metric
 from tests.redis_proxy import RedisProxy
@@ -393,13 +394,21 @@ async def test_a_subscription_sent_to_a_slots_old_owner_follows_its_moved_answer
 ) -> None:
     """The pod's slot map is stale: its SSUBSCRIBE goes to the node that owned the slot, which
     answers MOVED on the pub/sub connection. The pod learns the slot's owner, refreshes its map and
-    subscribes there within the same call; its link is not rebuilt. Another pod's SPUBLISH, also
+    subscribes there within the same call; its link is not rebuilt, and a channel the old owner
+    still carries, subscribed in the same call (confirmed right after the MOVED), is kept there.
+    Another pod's SPUBLISH, also
     answered MOVED, is sent again to the new owner, which its map now names. With nodes that
     announce no endpoint, MOVED names only a port: the host is the one that answered."""
     channel = "g:late"
     slot = key_slot(f"{redis_prefix}:{channel}".encode())
     source = redis_cluster.node_for_slot(slot)
     target = next(p for p in redis_cluster.primaries() if p is not source)
+    beside = next(
+        name
+        for name in (f"g:beside{n}" for n in range(10_000))
+        if (s := key_slot(f"{redis_prefix}:{name}".encode())) != slot
+        and redis_cluster.node_for_slot(s) is source
+    )
     broker = redis_broker(redis_cluster.url, redis_prefix, "b")
     publisher = redis_broker(redis_cluster.url, redis_prefix, "a")
     assert isinstance(broker, redis_broker_module.RedisBroker)
@@ -414,7 +423,8 @@ async def test_a_subscription_sent_to_a_slots_old_owner_follows_its_moved_answer
         refreshes = metric("relay_redis_slot_map_refreshes_total")
         redis_cluster.move_slot(slot, target)
         with capture_logs() as logs:
-            await broker.subscribe(channel)
+            await broker.subscribe(channel, beside)
+        assert source.call("PUBSUB", "SHARDNUMSUB", f"{redis_prefix}:{beside}")[1] == 1
         [line, *_] = [e for e in logs if e["event"] == "broker.slot_map_refreshed"]
         assert line["log_level"] == "info"
         assert sorted(line["nodes"]) == sorted(p.address for p in redis_cluster.primaries())
@@ -635,10 +645,147 @@ async def test_only_a_cluster_link_refreshes_a_slot_map(redis_server: RedisServe
         await broker.close()
 
 
+async def test_a_sentinel_that_names_a_replica_fails_the_attempt_saying_it_is_not_a_master_yet(
+    sentinel_set: SentinelSet, redis_prefix: str
+) -> None:
+    """Sentinel's answer is out of date and names a replica (here, once: discover is patched): ROLE
+    says so, the attempt fails with where and why, and the next one reaches the master."""
+    broker = redis_broker(sentinel_set.url, redis_prefix, "a")
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    topology = broker._topology
+    real = topology.discover
+    master = sentinel_set.master_port()
+    replica = Address("127.0.0.1", next(s.port for s in sentinel_set.servers()[:2] if s.port != master))
+    stale = [True]
+
+    async def discover(options: Any) -> Any:
+        if stale:
+            stale.pop()
+            return [replica]
+        return await real(options)
+
+    topology.discover = discover  # type: ignore[method-assign]
+    a = Collector(broker)  # reading messages() opens the link
+    try:
+        with capture_logs() as logs:
+            await eventually(lambda: broker.ready, 10)
+        [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+        assert line["error"] == f"{replica} is not a master yet"
+        assert broker._link is not None and list(broker._link.nodes) == [Address("127.0.0.1", master)]
+    finally:
+        await a.stop()
+
+
+async def test_a_master_that_holds_role_unanswered_while_the_link_opens_is_given_up_after_redis_timeout(
+    sentinel_set: SentinelSet, redis_prefix: str
+) -> None:
+    """Sentinel names the master (here through a proxy that holds each reply 0.2 s); the link's
+    command connection stops being answered just before ROLE is asked: the attempt is given up
+    after redis_timeout (0.5 s) and logged, not held for ever, and the next one comes up."""
+    async with RedisProxy(sentinel_set.master_port()) as proxy:
+        sentinels = tuple(Address("127.0.0.1", s.port) for s in sentinel_set.sentinels)
+        topology = SentinelTopology(sentinels, sentinel_set.name, None)
+        broker = redis_broker_module.RedisBroker(  # without relay's functions: ROLE comes first
+            topology, ConnectOptions(timeout=0.5), pod_id="a", prefix=redis_prefix, history=False
+        )
+        real = topology.discover
+
+        async def discover(options: Any) -> Any:
+            await real(options)
+            topology._address = Address("127.0.0.1", proxy.port)  # where it routes, too
+            return [topology._address]
+
+        topology.discover = discover  # type: ignore[method-assign]
+        proxy.delay(0.2)
+        a = Collector(broker)  # reading messages() opens the link
+        try:
+            with capture_logs() as logs:
+                await eventually(lambda: len(proxy._connections) >= 2)  # the pub/sub one is opening
+                proxy.mute(0)  # the command connection, whose next command is ROLE
+                await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs), 10)
+                await eventually(lambda: broker.ready, 10)
+            [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+            assert line["error"] == "TimeoutError"
+        finally:
+            await a.stop()
+
+
+async def test_a_sentinel_link_asks_about_its_master_no_more_often_than_every_probe_interval(
+    sentinel_set: SentinelSet, redis_prefix: str
+) -> None:
+    """Each master check opens a connection to a Sentinel: probe interval 1 s (a watch tick of
+    0.25 s), and the checks come a probe interval apart, not on every tick."""
+    timings = {"redis_probe_interval": 1.0, "redis_timeout": 2.0}
+    broker = redis_broker(sentinel_set.url, redis_prefix, "a", **timings)
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    topology = broker._topology
+    real = topology.confirm
+    asked: list[float] = []
+
+    async def confirm(address: Any, options: Any) -> bool:
+        asked.append(time.monotonic())
+        return await real(address, options)
+
+    topology.confirm = confirm  # type: ignore[method-assign]
+    try:
+        await broker.subscribe("g:room")
+        await eventually(lambda: len(asked) >= 3, 15)
+        gaps = [later - earlier for earlier, later in itertools.pairwise(asked)]
+        assert all(gap >= 0.9 for gap in gaps), gaps  # 1 s, less how much faster ROLE came back
+    finally:
+        await broker.close()
+
+
+async def test_a_message_already_on_its_way_when_its_group_is_left_is_dropped_and_the_link_goes_on(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Redis has sent a message to the pod (the test's blocking call holds the event loop until
+    it has) when the hub unsubscribes its channel: it arrives for a channel nobody wants, is
+    dropped, and the link carries on. Probes are 30 s apart, so none is outstanding."""
+    broker = redis_broker(redis_server.url, redis_prefix, "a", redis_probe_interval=30.0)
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    a = Collector(broker)
+    try:
+        await broker.subscribe("g:left", "g:kept")
+        first = broker._link
+        assert redis_server.call("PUBLISH", f"{redis_prefix}:g:left", "1 0.0 \nin flight") == 1
+        await broker.unsubscribe("g:left")
+        assert await broker.publish(env("after", "g:kept")) == 1
+        assert [e.frame for e in await a.wait_for(1)] == ["after"]
+        assert broker._link is first and first is not None and not first.failed
+    finally:
+        await a.stop()
+
+
 def _cluster_broker(redis_cluster: RedisCluster, prefix: str, pod_id: str, **overrides: Any) -> Any:
     broker = redis_broker(redis_cluster.url, prefix, pod_id, **overrides)
     assert isinstance(broker, redis_broker_module.RedisBroker)
     return broker
+
+
+@pytest.mark.xdist_group("redis-cluster")
+async def test_a_cluster_unsubscribe_is_confirmed_on_the_same_link_without_a_slot_map_refresh(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
+    """SUNSUBSCRIBE, confirmed: the channel is gone from its shard, the link is kept, and only an
+    unasked sunsubscribe (a slot moved away) would make relay read the slot map again."""
+    broker = _cluster_broker(redis_cluster, redis_prefix, "u" + secrets.token_hex(3))
+    name = f"{redis_prefix}:g:go"
+    shard = redis_cluster.node_for_slot(key_slot(name.encode()))
+    try:
+        await broker.subscribe("g:stay", "g:go")
+        first = broker._link
+        assert shard.call("PUBSUB", "SHARDNUMSUB", name)[1] == 1
+        refreshes = metric("relay_redis_slot_map_refreshes_total")
+        await broker.unsubscribe("g:go")
+        if first.refreshing is not None:  # had one begun, it would count once done
+            await asyncio.wait([first.refreshing])
+        assert metric("relay_redis_slot_map_refreshes_total") == refreshes
+        assert broker._link is first and not first.failed
+        assert shard.call("PUBSUB", "SHARDNUMSUB", name)[1] == 0
+        assert await broker.publish(env("kept", "g:stay")) == 1
+    finally:
+        await broker.close()
 
 
 @pytest.mark.xdist_group("redis-cluster")
@@ -812,6 +959,50 @@ async def test_between_attempts_a_subscribe_is_refused_at_once(
         await broker.close()
 
 
+async def test_a_broker_closed_before_it_was_used_refuses_a_subscribe_at_once(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Nothing is being opened (nothing ever started the link): no wait for one (redis_timeout 5 s)."""
+    broker = redis_broker(redis_server.url, redis_prefix, "a", redis_timeout=5.0)
+    await broker.close()
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        await broker.subscribe("g:room")
+    assert time.monotonic() - started < 1.0
+
+
+async def test_while_a_lost_link_is_opened_again_a_subscribe_waits_for_it(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """The other half of the test above: after the link is lost, while the next one is being opened
+    (held here at the start, until the subscribe has begun), a subscribe waits for it and succeeds."""
+    broker = redis_broker(dedicated_redis.url, redis_prefix, "a", redis_timeout=5.0)
+    assert isinstance(broker, redis_broker_module.RedisBroker)
+    topology = broker._topology
+    real = topology.discover
+    reopening, go_on = asyncio.Event(), asyncio.Event()
+
+    async def discover(options: Any) -> Any:
+        reopening.set()
+        await go_on.wait()
+        return await real(options)
+
+    try:
+        await broker.subscribe("g:room")
+        first = broker._link
+        topology.discover = discover  # type: ignore[method-assign]
+        dedicated_redis.call("CLIENT", "KILL", "TYPE", "pubsub")
+        await asyncio.wait_for(reopening.wait(), 5)
+        assert broker._link is None
+        asyncio.get_running_loop().call_soon(go_on.set)  # once the subscribe below waits
+        await broker.subscribe("g:other")
+        assert broker._link not in (None, first)
+        assert dedicated_redis.call("PUBSUB", "NUMSUB", f"{redis_prefix}:g:other")[1] == 1
+    finally:
+        go_on.set()
+        await broker.close()
+
+
 @pytest.mark.xdist_group("redis-cluster")
 async def test_a_subscribe_waiting_on_a_refresh_the_link_ends_under_is_refused_not_cancelled(
     redis_cluster: RedisCluster, redis_prefix: str
@@ -929,6 +1120,72 @@ def _route_elsewhere(broker: Any, channel: str, address: Address) -> None:
     topology.route = lambda c: address if c == name else real(c)
 
 
+async def test_a_primary_opened_while_the_link_lives_is_probed_like_the_first(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """A new primary (here a proxy in front of the same Redis) joins the link for a publish: the
+    watch probes it when it is idle, as it does the primaries the link was opened with."""
+    async with RedisProxy(redis_server.port) as proxy:
+        broker = redis_broker(redis_server.url, redis_prefix, "a")
+        assert isinstance(broker, redis_broker_module.RedisBroker)
+        elsewhere = Address("127.0.0.1", proxy.port)
+        _route_elsewhere(broker, "g:new", elsewhere)
+        probed: list[Address] = []
+        real = broker._send_probe
+
+        def send_probe(node: Any) -> str:
+            probed.append(node.address)
+            return real(node)
+
+        broker._send_probe = send_probe  # type: ignore[method-assign]
+        try:
+            await broker.publish(env("here"))
+            first = broker._link
+            assert await broker.publish(env("there", "g:new")) == 0
+            probed.clear()
+            await eventually(lambda: probed.count(elsewhere) >= 2)
+            assert first is not None and broker._link is first and not first.failed
+        finally:
+            await broker.close()
+
+
+async def test_a_connection_lost_while_its_primary_is_being_opened_fails_the_attempt_and_leaves_nothing_open(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The command connection is cut while the pub/sub one is still being opened (a proxy holds
+    Redis's replies 0.4 s): the attempt fails, saying so, and is made again; the pub/sub connection
+    of the failed attempt is closed (it was left open to Redis for good), and nothing is reported
+    to asyncio's exception handler."""
+    pod_id = "cut" + secrets.token_hex(3)
+
+    def ours() -> int:
+        return sum(
+            f" name=relay:{pod_id} " in f" {c} " for c in redis_server.call("CLIENT", "LIST").splitlines()
+        )
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    async with RedisProxy(redis_server.port) as proxy:
+        proxy.delay(0.4)
+        broker = redis_broker(proxy.url, redis_prefix, pod_id, redis_timeout=3.0)
+        a = Collector(broker)
+        try:
+            with capture_logs() as logs:
+                await eventually(lambda: len(proxy._connections) >= 2)  # the pub/sub one is opening
+                for writer in proxy._connections[0]:  # the command connection, both ways
+                    writer.close()
+                proxy.delay(0)
+                await eventually(lambda: broker.ready, 10)
+            [line, *_] = [e for e in logs if e["event"] == "broker.connect_failed"]
+            assert line["error"] == "connection closed"
+            await eventually(lambda: ours() == 2)  # the link's two connections, nothing else
+            assert errors == []
+        finally:
+            await a.stop()
+            loop.set_exception_handler(None)
+
+
 async def test_a_primary_that_cannot_be_reached_is_refused_counted_and_tried_again_next_time(
     redis_server: RedisServer, redis_prefix: str, tmp_path: Path
 ) -> None:
@@ -951,10 +1208,6 @@ async def test_a_primary_that_cannot_be_reached_is_refused_counted_and_tried_aga
         late = start_redis(tmp_path / "late", port=port)
         assert await broker.publish(env("now it listens", "g:elsewhere")) == 0
         assert broker._link is first and first is not None and not first.failed
-        node = first.nodes[Address("127.0.0.1", port)]
-        await eventually(lambda: node.probe is not None)  # the watch probes the new primary
-        await eventually(lambda: node.probe is None)  # which answers: the link lives on
-        assert broker._link is first and not first.failed
     finally:
         await broker.close()
         if late is not None:
@@ -1054,6 +1307,73 @@ async def test_a_redis_that_refuses_relays_probe_channel_says_so_in_the_failed_a
         redis_server.call("ACL", "DELUSER", user)
 
 
+async def test_subscriptions_unconfirmed_while_the_link_is_opened_fail_the_attempt_saying_so(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The probe channel is confirmed, then Redis's replies on the pub/sub connection stop (the
+    proxy drops them from the moment the wanted channels are subscribed): the attempt fails after
+    redis_timeout, and its line says Redis did not confirm in time; the next attempt comes up."""
+    async with RedisProxy(redis_server.port) as proxy:
+        broker = redis_broker(proxy.url, redis_prefix, "a")
+        assert isinstance(broker, redis_broker_module.RedisBroker)
+        real = broker._reconcile
+        muted: list[bool] = []
+
+        async def reconcile(link: Any) -> bool:
+            if not muted:
+                muted.append(True)
+                proxy.mute(-1)  # the newest connection: this link's pub/sub one
+            return await real(link)
+
+        broker._reconcile = reconcile  # type: ignore[method-assign]
+        try:
+            with capture_logs() as logs:
+                with pytest.raises(BrokerUnavailable):
+                    await broker.subscribe("g:room")
+                await eventually(lambda: broker.ready, 10)
+            [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+            assert line["error"] == "Redis did not confirm the subscriptions in time"
+        finally:
+            await broker.close()
+
+
+async def test_a_channel_wanted_while_the_opening_probe_is_out_and_left_unconfirmed_fails_the_attempt(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """As above, for the channels wanted while the link's first probe was out (subscribed after
+    it): Redis stops confirming just then, the attempt fails saying so, the next one comes up
+    subscribed to that channel too."""
+    async with RedisProxy(redis_server.port) as proxy:
+        broker = redis_broker(proxy.url, redis_prefix, "a")
+        assert isinstance(broker, redis_broker_module.RedisBroker)
+        real = broker._reconcile
+        calls = 0
+        late: list[asyncio.Task[None]] = []
+
+        async def reconcile(link: Any) -> bool:
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # the second, after the probe: a hub join has come meanwhile
+                late.append(asyncio.ensure_future(broker.subscribe("g:late")))
+                await asyncio.sleep(0)  # (it is wanted as soon as it runs, and waits for the link)
+                proxy.mute(-1)  # the newest connection: this link's pub/sub one
+            return await real(link)
+
+        broker._reconcile = reconcile  # type: ignore[method-assign]
+        a = Collector(broker)  # reading messages() opens the link
+        try:
+            with capture_logs() as logs:
+                await eventually(lambda: calls >= 2 and broker.ready, 10)
+            [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+            assert line["error"] == "Redis did not confirm the subscriptions in time"
+            with contextlib.suppress(BrokerUnavailable):  # it may have waited for the next link
+                await late[0]
+            name = f"{redis_prefix}:g:late"
+            await eventually(lambda: redis_server.call("PUBSUB", "NUMSUB", name)[1] == 1)
+        finally:
+            await a.stop()
+
+
 async def test_a_link_that_ends_while_it_is_opened_says_why_in_the_failed_attempt(
     redis_server: RedisServer, redis_prefix: str
 ) -> None:
@@ -1098,6 +1418,38 @@ async def test_a_redis_that_holds_relays_functions_unanswered_is_given_up_after_
         dedicated_redis.call("CLIENT", "UNPAUSE")
         await eventually(lambda: broker.ready, 10)
         assert await broker.publish(env("carried")) == 1
+    finally:
+        dedicated_redis.call("CLIENT", "UNPAUSE")
+        await broker.close()
+
+
+async def test_a_redis_that_holds_the_announced_rules_unanswered_is_given_up_after_redis_timeout(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """As above, for the group rules each link writes (SET) as it opens: held unanswered (CLIENT
+    PAUSE WRITE; without relay's functions, nothing before it writes), each attempt is given up
+    after redis_timeout and logged, and the link comes up once Redis answers."""
+    dedicated_redis.call("CLIENT", "PAUSE", 60_000, "WRITE")
+    broker = redis_broker_module.RedisBroker(
+        SingleTopology(Address("127.0.0.1", dedicated_redis.port)),
+        ConnectOptions(timeout=0.5),
+        pod_id="a",
+        prefix=redis_prefix,
+        probe_interval=0.2,
+        backoff_max=0.3,
+        announce={b"rules": b"{}"},
+        history=False,
+    )
+    try:
+        with capture_logs() as logs:
+            with pytest.raises(BrokerUnavailable):
+                await broker.subscribe("g:room")
+            await eventually(lambda: any(e["event"] == "broker.connect_failed" for e in logs), 10)
+        [line] = [e for e in logs if e["event"] == "broker.connect_failed"]
+        assert line["error"] == "TimeoutError"
+        dedicated_redis.call("CLIENT", "UNPAUSE")
+        await eventually(lambda: broker.ready, 10)
+        assert dedicated_redis.call("GET", f"{redis_prefix}:rules") == "{}"
     finally:
         dedicated_redis.call("CLIENT", "UNPAUSE")
         await broker.close()

@@ -90,23 +90,27 @@ def test_a_redis_url_is_read_as_written(url: str, expected: RedisUrl) -> None:
     [
         ("http://redis:6379", "unsupported Redis URL scheme 'http'"),
         ("redis+memory://redis", "unsupported Redis URL scheme 'redis+memory'"),
-        ("rediss+sentinel+x://h/m", "unsupported Redis URL scheme"),
-        ("redis:/redis", "unsupported Redis URL scheme"),
+        ("rediss+sentinel+x://h/m", "unsupported Redis URL scheme 'rediss+sentinel+x'"),
+        ("redis:/redis", "unsupported Redis URL scheme 'redis:/redis'"),
         ("redis", "unsupported Redis URL scheme 'redis'"),
         ("redis://", "no host in the redis:// URL"),
         ("redis://:pw@/0", "no host in the redis:// URL"),
         ("redis://a:1,b:2", "redis:// takes one host; use redis+sentinel:// or redis+cluster://"),
-        ("rediss://a,b", "rediss:// takes one host"),
-        ("redis+sentinel://s1:26379", "redis+sentinel:// needs the master name as its path"),
-        ("redis+sentinel://s1:26379/", "needs the master name"),
+        ("rediss://a,b", "rediss:// takes one host; use redis+sentinel:// or redis+cluster://"),
+        ("redis+sentinel://s1:26379", "redis+sentinel:// needs the master name as its path: .../mymaster"),
+        ("redis+sentinel://s1:26379/", "redis+sentinel:// needs the master name as its path: .../mymaster"),
         ("redis://redis:63x9", "bad port in Redis host 'redis:63x9'"),
-        ("redis://[::1]:x", "bad port in Redis host"),
+        ("redis://[::1]:x", "bad port in Redis host '[::1]:x'"),
+        # Only the first "]" closes an IPv6 address, and only a ":" may come before the port.
+        ("redis://[::1]]:6379", "bad port in Redis host '[::1]]:6379'"),
+        ("redis://[::1]:X6379", "bad port in Redis host '[::1]:X6379'"),
     ],
 )
 def test_a_malformed_url_is_refused_with_what_is_wrong(url: str, message: str) -> None:
+    """The whole message, as the operator reads it when the pod refuses to start."""
     with pytest.raises(ValueError) as refused:
         parse_url(url)
-    assert message in str(refused.value)
+    assert str(refused.value) == message
 
 
 def test_the_refusal_never_shows_the_password() -> None:
@@ -272,6 +276,9 @@ async def test_sentinels_get_the_sentinel_password_never_the_data_nodes_credenti
         await SentinelTopology((address,), name, "wrong").discover(data_credentials)
     with pytest.raises(ConnectionLost):
         await SentinelTopology((address,), name, None).discover(data_credentials)
+    # As configured: the URL's sentinel_password is the one the Sentinels get.
+    url = f"redis+sentinel://relay:data-pw@{address.host}:{address.port}/{name}?sentinel_password=sentinel-pw"
+    assert await open_topology(parse_url(url)).discover(data_credentials) == master
 
 
 # --- cluster slot maps --------------------------------------------------------------------------

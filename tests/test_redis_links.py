@@ -5,6 +5,7 @@ in front of one)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from service.broker import (
     PresenceTerms,
     Retention,
 )
+from service.broker import redis as redis_broker_module
 from service.broker.redis import RedisBroker
 from service.broker.resp import Address, ConnectOptions
 from service.broker.topology import SingleTopology
@@ -65,6 +67,7 @@ async def test_an_unexpected_error_while_connecting_is_logged_counted_and_retrie
         assert metric("relay_redis_link_failures_total", reason="error") == errors + 1
         [line] = [e for e in logs if e["event"] == "broker.supervisor_error"]
         assert line["log_level"] == "error" and "exc_info" in line
+        assert line["retry_in"] == redis_broker_module.BACKOFF_MIN
         await a.broker.subscribe("g:x")
         assert await a.broker.publish(Envelope("g:x", "hello", time.time())) == 1
         assert (await a.wait_for(1))[0].frame == "hello"
@@ -95,6 +98,66 @@ async def test_a_bug_in_the_links_watch_ends_the_link_which_is_opened_again(
         assert line["log_level"] == "error" and "exc_info" in line
         assert await a.broker.publish(Envelope("g:x", "after", time.time())) == 1
         await eventually(lambda: any(e.frame == "after" for e in a.envelopes))
+    finally:
+        await a.stop()
+
+
+async def test_unexpected_errors_while_reconnecting_count_as_failed_attempts(
+    dedicated_redis: RedisServer, redis_prefix: str
+) -> None:
+    """After an outage, two attempts end in errors nobody foresaw: the line that says what the
+    outage cost counts them as two failed attempts."""
+    broker = redis_broker(dedicated_redis.url, redis_prefix)
+    assert isinstance(broker, RedisBroker)
+    topology = broker._topology
+    real = topology.discover
+    surprises = 0
+
+    async def surprising(options: Any) -> Any:
+        nonlocal surprises
+        if surprises < 2:
+            surprises += 1
+            raise AttributeError("'NoneType' object has no attribute 'decode'")
+        return await real(options)
+
+    a = Collector(broker)
+    try:
+        await broker.subscribe("g:room")
+        first = broker._link
+        topology.discover = surprising  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            dedicated_redis.call("CLIENT", "KILL", "TYPE", "pubsub")
+            await eventually(lambda: broker._link not in (None, first))
+        [back] = [e for e in logs if e["event"] == "broker.reconnected"]
+        assert back["failed_attempts"] == 2
+        assert len([e for e in logs if e["event"] == "broker.supervisor_error"]) == 2
+    finally:
+        await a.stop()
+
+
+async def test_an_unexpected_error_once_the_link_is_up_ends_it_counted_as_an_error_and_it_is_reopened(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The supervisor fails after the link went up (here: a surprise right after `_went_up`): that
+    link is ended and counted (reason error), and the next one comes up."""
+    broker = redis_broker(redis_server.url, redis_prefix)
+    assert isinstance(broker, RedisBroker)
+    real = broker._went_up
+    links: list[Any] = []
+
+    def went_up(link: Any, failures: int) -> None:
+        real(link, failures)
+        links.append(link)
+        if len(links) == 1:
+            raise AttributeError("'NoneType' object has no attribute 'decode'")
+
+    broker._went_up = went_up  # type: ignore[method-assign]
+    errors = metric("relay_redis_link_failures_total", reason="error")
+    a = Collector(broker)
+    try:
+        await eventually(lambda: len(links) == 2 and broker.ready)
+        assert links[0].failed and broker._link is links[1] and broker.alive
+        assert metric("relay_redis_link_failures_total", reason="error") == errors + 1
     finally:
         await a.stop()
 
@@ -377,6 +440,76 @@ async def test_subscription_changes_redis_does_not_confirm_end_the_link(
             assert channels == {f"{redis_prefix}:g:kept", f"{redis_prefix}:g:unconfirmed"}
         finally:
             await broker.close()
+
+
+async def test_an_idle_link_is_probed_once_per_probe_interval_and_a_slow_answer_in_time_keeps_it(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Probe interval 1 s, redis_timeout 2 s (a watch tick of 0.25 s), and every reply held 0.5 s
+    (a slow network): the idle link is probed only after a probe interval of silence, and a probe
+    answered after more than a tick, but within redis_timeout, does not end the link."""
+    async with RedisProxy(redis_server.port) as proxy:
+        timings = {"redis_probe_interval": 1.0, "redis_timeout": 2.0, "redis_backoff_max": 0.3}
+        broker = redis_broker(proxy.url, redis_prefix, "a", **timings)
+        assert isinstance(broker, RedisBroker)
+        sent: list[float] = []
+        real = broker._send_probe
+
+        def send_probe(node: Any) -> str:
+            sent.append(time.monotonic())
+            return real(node)
+
+        broker._send_probe = send_probe  # type: ignore[method-assign]
+        a = Collector(broker)
+        try:
+            await broker.subscribe("g:room")
+            first = broker._link
+            timeouts = metric("relay_redis_link_failures_total", reason="probe_timeout")
+            proxy.delay(0.5)
+            begun = len(sent)
+            await eventually(lambda: len(sent) >= begun + 3, 15)
+            gaps = [later - earlier for earlier, later in itertools.pairwise(sent[begun:])]
+            assert all(gap >= 1.0 for gap in gaps), gaps
+            assert first is not None and broker._link is first and not first.failed
+            assert metric("relay_redis_link_failures_total", reason="probe_timeout") == timeouts
+        finally:
+            proxy.delay(0)
+            await a.stop()
+
+
+async def test_subscribe_window_batches_go_out_before_one_is_awaited_and_one_unconfirmed_refuses_the_call(
+    dedicated_redis: RedisServer, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two channels per SUBSCRIBE and three SUBSCRIBEs in flight (monkeypatched), ten channels: the
+    first three batches leave before any confirmation is awaited, then relay waits for the oldest.
+    Redis takes them but its confirmations stop (the pub/sub connection's replies are dropped), so
+    the call is refused, not reported done, and the link is rebuilt subscribed to all ten."""
+    monkeypatch.setattr(redis_broker_module, "SUBSCRIBE_BATCH", 2)
+    monkeypatch.setattr(redis_broker_module, "SUBSCRIBE_WINDOW", 3)
+    channels = [f"g:window{n}" for n in range(10)]
+
+    def subscribes() -> int:  # only this test's broker uses this server
+        return int(dedicated_redis.info("commandstats").get("cmdstat_subscribe", {}).get("calls", 0))
+
+    async with RedisProxy(dedicated_redis.port) as proxy:
+        slow_probes = {"redis_probe_interval": 30.0, "redis_timeout": 2.0, "redis_backoff_max": 0.3}
+        broker = redis_broker(proxy.url, redis_prefix, "a", **slow_probes)
+        assert isinstance(broker, RedisBroker)
+        a = Collector(broker)  # reading messages() opens the link
+        try:
+            await eventually(lambda: broker.ready)
+            first = broker._link
+            before = subscribes()
+            proxy.mute(-1)  # the newest connection: this link's pub/sub one
+            with pytest.raises(BrokerUnavailable):
+                await broker.subscribe(*channels)
+            # (The test's Redis calls block the event loop: the next link has sent nothing yet.)
+            assert subscribes() == before + 3
+            await eventually(lambda: broker._link not in (None, first))
+            names = [f"{redis_prefix}:{c}" for c in channels]
+            await eventually(lambda: dedicated_redis.call("PUBSUB", "NUMSUB", *names)[1::2] == [1] * 10)
+        finally:
+            await a.stop()
 
 
 async def test_a_subscription_whose_link_ends_before_redis_confirms_is_refused_at_once(

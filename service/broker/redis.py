@@ -423,9 +423,16 @@ class RedisBroker:
             node.close()
             raise
         link.nodes[address] = node
-        if self._history:
-            await self._load_library(node)
-        if not await self._sync(link, node, [node.probe_channel], ()):
+        try:
+            if self._history:
+                await self._load_library(node)
+            confirmed = await self._sync(link, node, [node.probe_channel], ())
+        except BaseException:
+            # Closed here: should the link have failed while this node was being connected,
+            # link.fail closed only the nodes it had then, and this one would be left open.
+            link.retire(node)
+            raise
+        if not confirmed:
             link.retire(node)
             raise ConnectionLost(f"{address} did not confirm the probe channel")
         return node
