@@ -14,11 +14,15 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
+import httpx
 import pytest
+import websockets
 
 from service import channels, transport
 from service.protocol import CloseCode
-from tests.helpers import closed_with, join, metric, running_pod, stalled_client, ws_url
+from service.server import PodServer
+from tests import tokens
+from tests.helpers import Client, closed_with, join, metric, running_pod, stalled_client, ws_url
 
 pytestmark = pytest.mark.integration
 
@@ -60,6 +64,30 @@ async def stalled(port: int, path: str = "/g") -> AsyncIterator[socket.socket]:
         yield sock
     finally:
         sock.close()
+
+
+async def close_as_slow(pod: PodServer, publisher: Client, reader: Client, group: str) -> float:
+    """Publish big frames to `group` (`reader`, a member that keeps up, paces them) until a stalled
+    member of it is closed as a slow consumer (4008); when relay closed it (time.monotonic), the
+    instant the reaper's RELAY_CLOSE_TIMEOUT counts from."""
+    before = metric("relay_slow_consumer_disconnects_total")
+    i = 0
+    while metric("relay_slow_consumer_disconnects_total") == before:
+        await publisher.publish(group, i=i, blob="x" * 30000)
+        assert (await reader.next(10))["message"]["i"] == i
+        i += 1
+        assert i < 2000, "the stalled client was never closed as slow"
+    (closed,) = [c for c in pod.pod.hub.connections if c.close_code == CloseCode.SLOW_CONSUMER]
+    assert closed.closed_at is not None
+    return closed.closed_at
+
+
+async def admitted_or_refused(url: str) -> Client | int | None:
+    """Open a socket: the Client if the pod welcomes it, else the close code it was refused with."""
+    try:
+        return await join(url)
+    except websockets.ConnectionClosed as exc:
+        return exc.rcvd.code if exc.rcvd else None
 
 
 async def test_a_slow_consumer_counts_until_its_socket_is_cut_after_the_close_timeout() -> None:
@@ -149,3 +177,84 @@ async def test_every_uvicorn_websocket_implementation_exposes_what_the_reaper_ne
             await until(lambda c=conn: transport.gone(c.send), 2, f"{impl}: the aborted socket to go")  # type: ignore[misc]
             assert await client.close_code() in (None, 1006), impl
             await until(lambda: pod.pod.hub.connection_count() == 0, 2, f"{impl}: release")
+
+
+async def test_a_slow_consumer_counts_against_its_users_cap_until_its_socket_is_cut() -> None:
+    """RELAY_USER_MAX_CONNECTIONS: the stalled socket of a user at their cap, closed with 4008 but
+    lingering, still holds its place: the user's next socket is refused with 4030 until the reaper
+    cuts it, and admitted once it is gone."""
+    close_timeout = 1.0
+    alice_path = "/chat?token=" + tokens.hs256(sub="alice")
+    async with running_pod(
+        jwt_secret=tokens.SECRET,
+        user_max_connections=1,
+        user_connect_rate=0,  # only the cap under test refuses
+        user_publish_rate=0,
+        outbox_size=16,
+        close_timeout=close_timeout,
+        publish_rate=0,
+    ) as pod:
+        alice = ws_url(pod, alice_path)
+        async with stalled(pod.port, alice_path) as slow:
+            bob = await join(ws_url(pod, "/chat?token=" + tokens.hs256(sub="bob")))
+            await until(lambda: pod.pod.hub.connection_count() == 2, 2, "her stalled socket to count")
+            closed_at = await close_as_slow(pod, bob, bob, "chat")
+            refusals = 0
+            while True:
+                answer = await admitted_or_refused(alice)
+                if isinstance(answer, Client):
+                    # Admitted: only right once the stalled socket is gone (checked after the fact,
+                    # so a cut racing the attempt cannot fail the test).
+                    assert not server_side_established(pod.port, slow), "admitted while the socket lingers"
+                    break
+                assert answer == CloseCode.TOO_MANY_CONNECTIONS, answer
+                if server_side_established(pod.port, slow):
+                    refusals += 1  # refused while the closed socket still lingered
+                assert time.monotonic() - closed_at < close_timeout * 1.25 + 3, "alice never admitted again"
+                await asyncio.sleep(0.05)
+            assert refusals > 0, "the socket was never seen lingering"
+            assert time.monotonic() - closed_at >= close_timeout  # not before the reaper's cut
+            sent = await bob.publish("chat", after="cut")
+            assert await answer.next() == {"message": sent}
+
+
+async def test_lingering_sockets_keep_the_pod_unready_until_they_are_cut() -> None:
+    """/readyz turns false at RELAY_READY_CONNECTION_RATIO of the cap; a stalled socket closed
+    with 4008 still counts there until it is cut, and then the pod is ready again."""
+    close_timeout = 1.0
+    async with (
+        running_pod(
+            outbox_size=16,
+            close_timeout=close_timeout,
+            publish_rate=0,
+            max_connections=4,
+            ready_connection_ratio=0.5,  # unready at 2 sockets
+        ) as pod,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{pod.internal_port}") as http,
+    ):
+
+        async def ready() -> bool:
+            answer = await http.get("/readyz")
+            body = answer.json()
+            assert body["checks"]["not_draining"] and body["checks"]["broker"]  # only the count varies
+            assert answer.status_code == (200 if body["ready"] else 503)
+            return answer.status_code == 200
+
+        fast = await join(ws_url(pod, "/g"))
+        assert await ready()
+        async with stalled(pod.port) as slow:
+            await until(lambda: pod.pod.hub.connection_count() == 2, 2, "the stalled client to be admitted")
+            assert not await ready()  # at the threshold
+            closed_at = await close_as_slow(pod, fast, fast, "g")
+            lingering = 0
+            while not await ready():
+                if server_side_established(pod.port, slow):
+                    lingering += 1
+                assert time.monotonic() - closed_at < close_timeout * 1.25 + 3, "never ready again"
+                await asyncio.sleep(0.05)
+            # Ready: only right once the stalled socket is gone (checked after the answer, so a cut
+            # racing the probe cannot fail the test).
+            assert not server_side_established(pod.port, slow), "ready while the closed socket lingers"
+            assert lingering > 0, "the socket was never seen lingering"
+            assert time.monotonic() - closed_at >= close_timeout  # not before the reaper's cut
+            assert pod.pod.hub.connection_count() == 1
