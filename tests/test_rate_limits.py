@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from service.client import RelayClient
+from service.client import RelayClient, RelayError
 from tests.helpers import join, metric, running_pod, ws_url
 
 pytestmark = pytest.mark.integration
@@ -67,6 +67,29 @@ async def test_ignored_frames_spend_the_budget_too() -> None:
         for _ in range(4):
             await junk.ws.send("not json")  # ignored, but not free: the fourth is over the budget
         assert await junk.close_code() == 4029
+
+
+async def test_joins_and_leaves_spend_the_budget_like_any_frame() -> None:
+    """A v1 client that joins and leaves faster than its budget allows is slowed (every request
+    answered, none lost), and with `reject` told `rate_limited`: group changes are not free."""
+    async with running_pod(publish_rate=10, publish_burst=2) as pod:
+        client = await RelayClient.connect(ws_url(pod, "/g"))
+        delayed = metric("relay_frames_delayed_total")
+        started = time.monotonic()
+        for n in range(6):
+            await client.join(f"room{n}")
+            await client.leave(f"room{n}")
+        assert time.monotonic() - started >= (12 - 2) / 10 * 0.95  # the burst, then the rate
+        assert metric("relay_frames_delayed_total") >= delayed + 10
+        await client.close()
+    async with running_pod(publish_rate=1, publish_burst=2, rate_limit_action="reject") as pod:
+        client = await RelayClient.connect(ws_url(pod, "/g"))
+        await client.join("a")
+        await client.leave("a")
+        with pytest.raises(RelayError) as refused:
+            await client.join("b")
+        assert refused.value.code == "rate_limited"
+        await client.close()
 
 
 async def test_the_pod_budget_counts_every_frame_of_every_socket() -> None:
